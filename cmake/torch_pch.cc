@@ -1,0 +1,1 @@
+// Compiled once to produce the <torch/torch.h> precompiled header (cmake/DtrainHelpers.cmake).

@@ -1,0 +1,18 @@
+// Every environment variable dtrain reads, named once here (and read once, by
+// the component that owns it). Job settings never come from the environment:
+// they come from the JobConfig.
+#pragma once
+
+namespace dtrain::env {
+
+// Log level for every process: trace, debug, info, warn, error, off.
+inline constexpr const char* kLogLevel = "DTRAIN_LOG_LEVEL";
+// "0" turns the TTY progress bar off (periodic log lines instead).
+inline constexpr const char* kProgress = "DTRAIN_PROGRESS";
+// Where launch/install-deps.sh put the torch venv (used by scripts only).
+inline constexpr const char* kTorchDir = "DTRAIN_TORCH_DIR";
+
+// Returns the variable's value, or `fallback` when it is unset or empty.
+const char* Get(const char* name, const char* fallback);
+
+}  // namespace dtrain::env

@@ -1,0 +1,19 @@
+// Subcommands of the `dtrain` command line. Each Add* function registers its
+// subcommand(s) on `app`; the callback stores the command's exit status in
+// `*exit_code` (0 only on success) and prints errors to stderr.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace dtrain::cli {
+
+// dtrain config check|print CONFIG [--set k=v]...
+void AddConfigCommands(CLI::App& app, int* exit_code);
+
+// dtrain data summary [--dir DIR] [--split train|test|all] [--limit N]
+void AddDataCommands(CLI::App& app, int* exit_code);
+
+// dtrain version: dtrain's version and every library it was built with.
+void AddVersionCommand(CLI::App& app, int* exit_code);
+
+}  // namespace dtrain::cli
