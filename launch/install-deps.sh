@@ -54,7 +54,7 @@ torch_ok() {
     [[ "$("$TORCH_DIR/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)" == "$TORCH_VERSION" ]] &&
     [[ -d "$(torch_site)/torch/share/cmake/Torch" ]]
 }
-torch_site() { echo "$TORCH_DIR/lib/python3.11/site-packages"; }
+torch_site() { local d; for d in "$TORCH_DIR"/lib/python3*/site-packages; do echo "$d"; return; done; }
 
 if torch_ok; then
   say "LibTorch: torch ${TORCH_VERSION} present in $TORCH_DIR"

@@ -80,8 +80,12 @@ void ShardedSampler::StartEpoch(uint64_t epoch) {
 
 bool ShardedSampler::Next(std::vector<int64_t>* indices) {
   indices->clear();
-  if (position_ >= epoch_length_) return false;
+  // The epoch ends when the permutation is used up, or, with drop_last, when
+  // what is left cannot fill a global batch. Checking the remainder (not a
+  // precomputed length) lets a restored position lie anywhere: a checkpoint
+  // taken at another world size need not sit on this run's batch grid.
   const int64_t remaining = options_.dataset_size - position_;
+  if (remaining <= 0 || (options_.drop_last && remaining < global_batch_)) return false;
   int64_t begin = 0;
   int64_t count = 0;
   if (remaining >= global_batch_) {
@@ -103,19 +107,10 @@ bool ShardedSampler::Next(std::vector<int64_t>* indices) {
 }
 
 Status ShardedSampler::Restore(const SamplerState& state) {
-  const std::string at = "ShardedSampler::Restore: position " + std::to_string(state.position) + " of epoch " +
-                         std::to_string(state.epoch);
-  if (state.position > static_cast<uint64_t>(epoch_length_)) {
-    return Status::InvalidArgument(at + " is past the end of the epoch, which has " + Str(epoch_length_) +
-                                   " samples here (dataset_size " + Str(options_.dataset_size) + ", global batch " +
-                                   Str(global_batch_) + (options_.drop_last ? ", drop_last)" : ")"));
-  }
-  const bool at_end = state.position == static_cast<uint64_t>(epoch_length_);
-  if (!at_end && state.position % static_cast<uint64_t>(global_batch_) != 0) {
-    return Status::InvalidArgument(at + " is not a multiple of the global batch " + Str(global_batch_) +
-                                   " (world_size " + Str(options_.world_size) + " x local_batch " +
-                                   Str(options_.local_batch) + "); resume from a checkpoint taken at a multiple of " +
-                                   Str(global_batch_) + " or at an epoch boundary");
+  if (state.position > static_cast<uint64_t>(options_.dataset_size)) {
+    return Status::InvalidArgument("ShardedSampler::Restore: position " + std::to_string(state.position) +
+                                   " of epoch " + std::to_string(state.epoch) +
+                                   " is past the end of the dataset of " + Str(options_.dataset_size) + " samples");
   }
   StartEpoch(state.epoch);
   position_ = static_cast<int64_t>(state.position);

@@ -105,18 +105,18 @@ class ShardedSampler : public Sampler {
   void StartEpoch(uint64_t epoch) override;
   SamplerState state() const override { return {epoch_, static_cast<uint64_t>(position_)}; }
 
-  // Accepts any epoch and a position that is <= epoch_length() and either a
-  // multiple of global_batch() or equal to epoch_length() (a finished
-  // epoch). The continuation is then exactly what an uninterrupted run at
-  // this world size would produce from that position; in particular, after a
-  // world-size change the ranks together read exactly the rest of the
-  // epoch's permutation.
+  // Accepts any epoch and any position <= dataset_size: global batches then
+  // continue from exactly that position of the epoch's permutation, so after
+  // a world-size change (whose batch grid differs) the ranks together read
+  // exactly the rest of the epoch. With drop_last the epoch ends when fewer
+  // than global_batch() samples remain. Positions past the dataset are
+  // InvalidArgument and leave the sampler unchanged.
   Status Restore(const SamplerState& state) override;
 
   int64_t batches_per_epoch() const override { return batches_per_epoch_; }
   int64_t global_batch() const override { return global_batch_; }
-  // Samples consumed over all ranks in a full epoch: floor(N / G) * G with
-  // drop_last, else N.
+  // Samples consumed over all ranks in an epoch started at position 0:
+  // floor(N / G) * G with drop_last, else N.
   int64_t epoch_length() const { return epoch_length_; }
   const Options& options() const { return options_; }
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs the benchmarks named on the command line (default: all), each printing
+# its table and writing bench/results/<name>.json. Build first (launch/build.sh).
+#
+#   bench/run.sh [data_pipeline] [build_time]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p bench/results
+names=("$@")
+[[ ${#names[@]} -gt 0 ]] || names=(data_pipeline build_time)
+for n in "${names[@]}"; do
+  echo "== bench/$n"
+  case "$n" in
+    build_time) bash bench/build_time.sh ;;
+    *)
+      bin="build/bin/bench_$n"
+      [[ -x "$bin" ]] || { echo "no $bin: run launch/build.sh first" >&2; exit 1; }
+      OMP_NUM_THREADS=1 "$bin" --benchmark_out="bench/results/$n.json" --benchmark_out_format=json
+      ;;
+  esac
+done
