@@ -11,6 +11,12 @@ set(DTRAIN_WARNINGS -Wall -Wextra -Wno-unused-parameter)
 add_library(dtrain_build_flags INTERFACE)
 target_compile_options(dtrain_build_flags INTERFACE -fPIC -pthread)
 target_link_libraries(dtrain_build_flags INTERFACE Threads::Threads)
+# libtorch.so exports its own (older) copy of the std::filesystem functions;
+# when it precedes libstdc++ in a binary's DT_NEEDED list the dynamic linker
+# binds our std::filesystem calls to it, and remove_all crashes. Naming
+# libstdc++ first on the link line (link options come before the objects and
+# libraries) makes its definitions win. See docs/dependencies.md.
+target_link_options(dtrain_build_flags INTERFACE "LINKER:--push-state,--no-as-needed" "-lstdc++" "LINKER:--pop-state")
 
 # Torch's include directory carries its own google/protobuf and fmt headers,
 # which would shadow Debian's (docs/dependencies.md). This directory holds

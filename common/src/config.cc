@@ -1,5 +1,7 @@
 #include "dtrain/common/config.h"
 
+#include "dtrain/common/metrics_log.h"
+
 #include <google/protobuf/descriptor.h>
 #include <google/protobuf/io/tokenizer.h>
 #include <google/protobuf/text_format.h>
@@ -615,25 +617,10 @@ std::string FormatJobConfig(const JobConfig& config) {
 }
 
 Status WriteResolvedConfig(const JobConfig& config, const std::string& path) {
-  std::error_code ec;
-  fs::path p(path);
-  if (p.has_parent_path()) {
-    fs::create_directories(p.parent_path(), ec);
-    if (ec) return Status::IOError("cannot create directory " + p.parent_path().string() + ": " + ec.message());
-  }
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) return Status::IOError("cannot write " + tmp);
-    out << "# Resolved job config written by dtrain: every field, defaults included.\n"
-        << "# proto-file: proto/dtrain/job.proto\n# proto-message: dtrain.JobConfig\n\n"
-        << FormatJobConfig(config);
-    out.flush();
-    if (!out) return Status::IOError("error writing " + tmp);
-  }
-  fs::rename(tmp, path, ec);
-  if (ec) return Status::IOError("cannot rename " + tmp + " to " + path + ": " + ec.message());
-  return Status::OK();
+  return WriteFileAtomically(path,
+                             "# Resolved job config written by dtrain: every field, defaults included.\n"
+                             "# proto-file: proto/dtrain/job.proto\n# proto-message: dtrain.JobConfig\n\n" +
+                                 FormatJobConfig(config));
 }
 
 const char* ParallelismModeName(const JobConfig& config) {

@@ -30,6 +30,7 @@ int main(int argc, char** argv) {
       "trace, debug, info, warn, error or off (default: info, or $DTRAIN_LOG_LEVEL)");
 
   int exit_code = 0;
+  dtrain::cli::AddRunCommands(app, &exit_code);
   dtrain::cli::AddConfigCommands(app, &exit_code);
   dtrain::cli::AddDataCommands(app, &exit_code);
   dtrain::cli::AddVersionCommand(app, &exit_code);

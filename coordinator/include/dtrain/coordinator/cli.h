@@ -13,6 +13,9 @@ void AddConfigCommands(CLI::App& app, int* exit_code);
 // dtrain data summary [--dir DIR] [--split train|test|all] [--limit N]
 void AddDataCommands(CLI::App& app, int* exit_code);
 
+// dtrain run CONFIG [--set k=v]... [--run-dir DIR]; dtrain eval RUN_DIR
+void AddRunCommands(CLI::App& app, int* exit_code);
+
 // dtrain version: dtrain's version and every library it was built with.
 void AddVersionCommand(CLI::App& app, int* exit_code);
 

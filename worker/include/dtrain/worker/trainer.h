@@ -1,0 +1,95 @@
+// The training loop: data -> forward -> loss -> backward -> optimizer step,
+// for the embedders (ArcFace, CosFace, triplet) on Fashion-MNIST.
+//
+// How workers cooperate is the Strategy's business (strategy.h); the loop is
+// the same for one local worker, sync all-reduce, async parameter servers and
+// pipeline stages.
+//
+// Outputs in the run directory (written by the chief rank only):
+//   config.textproto  the resolved config
+//   metrics.jsonl     one line every training.log_every_steps steps
+//   model.pt          the final embedder (torch::save), for `dtrain eval`
+//   eval.json         retrieval metrics of the model and the raw-pixel baseline
+//
+// Thread-safety: a Trainer is driven by one thread; it runs one background
+// thread of its own that prepares batches ahead.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <memory>
+#include <string>
+
+#include "dtrain/common/retrieval_metrics.h"
+#include "dtrain/common/status.h"
+#include "dtrain/job.pb.h"
+#include "dtrain/models/embedder.h"
+#include "dtrain/models/loss.h"
+#include "dtrain/worker/strategy.h"
+
+namespace dtrain::worker {
+
+struct TrainerOptions {
+  // Write config.textproto, metrics.jsonl, model.pt and eval.json (chief only).
+  // Default: true.
+  bool write_outputs = true;
+  // Show a progress bar (or periodic log lines when not on a terminal).
+  // Default: true; the job's training.progress_bar can turn it off too.
+  bool progress = true;
+  // Evaluate on the test split at the end (also subject to eval.at_end).
+  // Default: true.
+  bool evaluate = true;
+};
+
+struct TrainResult {
+  int64_t steps = 0;
+  int64_t epochs_completed = 0;
+  double train_seconds = 0;
+  // Images per second over the whole run, summed over workers.
+  double images_per_sec = 0;
+  // Mean training loss over the last logged interval.
+  double final_loss = 0;
+  bool evaluated = false;
+  RetrievalMetrics model_metrics;
+  RetrievalMetrics raw_pixel_metrics;
+};
+
+class Trainer {
+ public:
+  // Builds the model, loss, optimizer and data for `config` (already
+  // validated, defaults filled). Errors: unknown model or loss names, a
+  // missing or corrupt dataset, a sampler that cannot be built.
+  static Status Create(const JobConfig& config, std::unique_ptr<Strategy> strategy, TrainerOptions options,
+                       std::unique_ptr<Trainer>* out);
+  ~Trainer();
+
+  // Trains to the configured length, then evaluates (chief). Fails when the
+  // loss stops being finite, naming the step.
+  Status Run(TrainResult* result);
+
+  models::Embedder model() const;
+  const JobConfig& config() const;
+
+ private:
+  struct Impl;
+  explicit Trainer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Evaluates `model` on the Fashion-MNIST test split of `config` (leave-one-out)
+// and the raw-pixel baseline beside it.
+Status EvaluateOnTestSplit(const JobConfig& config, models::EmbedderImpl& model, RetrievalMetrics* model_metrics,
+                           RetrievalMetrics* raw_pixel_metrics);
+
+// eval.json text for the two metric sets.
+std::string EvalJson(const JobConfig& config, const RetrievalMetrics& model_metrics,
+                     const RetrievalMetrics& raw_pixel_metrics, const TrainResult* training);
+
+// The evaluation table printed at the end of training and by `dtrain eval`.
+std::string EvalTable(const RetrievalMetrics& model_metrics, const RetrievalMetrics& raw_pixel_metrics);
+
+// Saves / loads the embedder's parameters and buffers (model.pt).
+Status SaveModel(models::EmbedderImpl& model, const std::string& path);
+Status LoadModel(const std::string& path, models::EmbedderImpl& model);
+
+}  // namespace dtrain::worker
