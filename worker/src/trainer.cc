@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <filesystem>
 #include <mutex>
@@ -106,8 +107,13 @@ class BatchLoader {
         data::MakeBatch(dataset_, indices, seed_, epoch_, augment_ ? &*augment_ : nullptr, normalize_, &pixels,
                         &labels);
         const int64_t n = static_cast<int64_t>(indices.size());
-        b.images = torch::from_blob(pixels.data(), {n, 1, dataset_.rows, dataset_.cols}, torch::kFloat32).clone();
-        b.labels = torch::from_blob(labels.data(), {n}, torch::kInt64).clone();
+        // Plain memcpy, not Tensor::clone(): a torch op that parallelises
+        // (copies of this size do) would start a second OpenMP team from this
+        // thread and oversubscribe the cores the training step is using.
+        b.images = torch::empty({n, 1, dataset_.rows, dataset_.cols}, torch::kFloat32);
+        std::memcpy(b.images.data_ptr<float>(), pixels.data(), pixels.size() * sizeof(float));
+        b.labels = torch::empty({n}, torch::kInt64);
+        std::memcpy(b.labels.data_ptr<int64_t>(), labels.data(), labels.size() * sizeof(int64_t));
       }
       b.state_after = sampler_->state();
       std::unique_lock<std::mutex> lock(mu_);
