@@ -238,7 +238,7 @@ class Validator {
 
   void Loss() {
     const LossConfig& l = c_.loss();
-    Margin("loss.arcface", l.arcface(), 1.5707964f);  // m in [0, pi/2]
+    Margin("loss.arcface", l.arcface(), 1.5707f);  // m in [0, pi/2)
     Margin("loss.cosface", l.cosface(), 1.0f);
     Greater("loss.triplet.margin", l.triplet().margin(), 0.0f);
     Finite("loss.triplet.margin", l.triplet().margin());

@@ -20,6 +20,7 @@ struct RunArgs {
   std::vector<std::string> overrides;
   std::string run_dir;
   bool no_progress = false;
+  bool resume = false;
 };
 
 struct EvalArgs {
@@ -35,7 +36,21 @@ Status Run(const RunArgs& a) {
   DTRAIN_RETURN_IF_ERROR(LoadJobConfig(a.config, overrides, &config));
   worker::TrainerOptions options;
   options.progress = !a.no_progress;
+  options.resume = a.resume;
   return worker::RunJob(config, options, nullptr);
+}
+
+// dtrain resume RUN_DIR: the run's resolved config (plus overrides, e.g. a
+// longer schedule or another mode), continued from its newest good checkpoint.
+Status Resume(const RunArgs& a) {
+  const std::string config_path = a.run_dir + "/config.textproto";
+  if (!std::filesystem::exists(config_path)) {
+    return Status::NotFound(a.run_dir + " is not a run directory: it has no config.textproto");
+  }
+  RunArgs r = a;
+  r.config = config_path;
+  r.resume = true;
+  return Run(r);
 }
 
 Status Eval(const EvalArgs& a) {
@@ -67,10 +82,26 @@ void AddRunCommands(CLI::App& app, int* exit_code) {
   run->add_option("--set", run_args->overrides, "override a config field: --set optimizer.lr=0.05 (repeatable)");
   run->add_option("--run-dir", run_args->run_dir, "run directory (default: runs/<job name>)");
   run->add_flag("--no-progress", run_args->no_progress, "no progress bar, only log lines");
+  run->add_flag("--resume", run_args->resume, "continue from the newest good checkpoint of the run's store, if any");
   run->callback([run_args, exit_code] {
     Status st = Run(*run_args);
     if (!st.ok()) {
       std::fprintf(stderr, "dtrain run: %s\n", st.ToString().c_str());
+      *exit_code = 1;
+    }
+  });
+
+  auto resume_args = std::make_shared<RunArgs>();
+  CLI::App* resume = app.add_subcommand(
+      "resume", "continue a run from its newest good checkpoint (a corrupt one is skipped, with a warning)");
+  resume->add_option("RUN_DIR", resume_args->run_dir, "run directory (holds config.textproto and store/)")->required();
+  resume->add_option("--set", resume_args->overrides,
+                     "override a config field, e.g. --set training.epochs=10 (model and loss must stay the same)");
+  resume->add_flag("--no-progress", resume_args->no_progress, "no progress bar, only log lines");
+  resume->callback([resume_args, exit_code] {
+    Status st = Resume(*resume_args);
+    if (!st.ok()) {
+      std::fprintf(stderr, "dtrain resume: %s\n", st.ToString().c_str());
       *exit_code = 1;
     }
   });

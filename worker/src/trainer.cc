@@ -20,6 +20,7 @@
 #include "dtrain/data/sampler.h"
 #include "dtrain/data/transforms.h"
 #include "dtrain/models/registry.h"
+#include "dtrain/worker/checkpointing.h"
 #include "dtrain/worker/evaluation.h"
 #include "dtrain/worker/lr_schedule.h"
 
@@ -180,11 +181,40 @@ struct Trainer::Impl {
   LrScheduleOptions schedule;
   int64_t total_steps = 0;
   std::unique_ptr<MetricsLog> metrics;
+  std::unique_ptr<CheckpointStore> store;          // chief only, when checkpointing
+  std::unique_ptr<AsyncCheckpointWriter> writer;   // when checkpoint.async_save
+  TrainerState resume_state;                       // valid when resumed
+  bool resumed = false;
+  int64_t checkpoints_saved = 0;
+
+  TrainingObjects Objects() {
+    return TrainingObjects{model.get(), loss.get(), optimizer.get(), config.optimizer().kind()};
+  }
+  // Snapshots the state after `state.step()` steps and saves it (queued when async).
+  Status SaveCheckpoint(const TrainerState& state);
 };
+
+Status Trainer::Impl::SaveCheckpoint(const TrainerState& state) {
+  if (!store) return Status::OK();
+  TrainerState s = state;
+  const torch::Tensor rng = at::detail::getDefaultCPUGenerator().get_state();
+  s.set_torch_rng_state(std::string(static_cast<const char*>(rng.data_ptr()), rng.numel()));
+  CheckpointData data;
+  DTRAIN_RETURN_IF_ERROR(Guard("checkpoint snapshot", [&] {
+    return CaptureCheckpoint(config, strategy->name(), strategy->world_size(), Objects(), s, &data);
+  }));
+  ++checkpoints_saved;
+  if (writer) {
+    writer->Submit(std::move(data));
+    return writer->last_error();
+  }
+  return store->Save(data);
+}
 
 Trainer::Trainer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Trainer::~Trainer() = default;
 models::Embedder Trainer::model() const { return impl_->model; }
+std::shared_ptr<models::LossModuleImpl> Trainer::loss() const { return impl_->loss; }
 const JobConfig& Trainer::config() const { return impl_->config; }
 
 Status Trainer::Create(const JobConfig& config, std::unique_ptr<Strategy> strategy, TrainerOptions options,
@@ -247,6 +277,52 @@ Status Trainer::Create(const JobConfig& config, std::unique_ptr<Strategy> strate
   for (const auto& b : impl->model->buffers()) buffers.push_back(b);
   DTRAIN_RETURN_IF_ERROR(impl->strategy->Setup(impl->parameters, buffers));
 
+  const CheckpointConfig& ck = config.checkpoint();
+  const bool checkpointing = ck.every_steps() > 0 || ck.every_epochs() > 0;
+  if (options.resume || (checkpointing && options.write_outputs && s.is_chief())) {
+    StoreOptions so;
+    so.path = ck.dir();
+    so.keep_last = ck.keep_last();
+    so.job_name = config.name();
+    so.config_digest = ResumeDigest(config);
+    so.read_only = !(checkpointing && options.write_outputs && s.is_chief());
+    so.create_if_missing = !so.read_only;
+    std::unique_ptr<CheckpointStore> store;
+    DTRAIN_RETURN_IF_ERROR(CheckpointStore::Open(so, &store).WithContext("checkpoint store " + ck.dir()));
+    if (options.resume) {
+      int64_t latest = 0;
+      Status has = store->LatestStep(&latest);
+      if (has.ok()) {
+        CheckpointData data;
+        std::vector<std::string> warnings;
+        DTRAIN_RETURN_IF_ERROR(store->LoadLatestGood(&data, &warnings));
+        for (const std::string& w : warnings) spdlog::warn("{}", w);
+        DTRAIN_RETURN_IF_ERROR(RestoreCheckpoint(data, impl->Objects(), &impl->resume_state));
+        if (!impl->resume_state.torch_rng_state().empty()) {
+          const std::string& rs = impl->resume_state.torch_rng_state();
+          torch::Tensor t = torch::empty({static_cast<int64_t>(rs.size())}, torch::kUInt8);
+          std::memcpy(t.data_ptr(), rs.data(), rs.size());
+          at::Generator gen = at::detail::getDefaultCPUGenerator();
+          gen.set_state(t);
+        }
+        DTRAIN_RETURN_IF_ERROR(impl->sampler->Restore(
+            {impl->resume_state.sampler_epoch(), impl->resume_state.sampler_position()}));
+        impl->resumed = true;
+        spdlog::info("resuming {} from checkpoint {} (epoch {}, sample {} of it, saved in {} mode by {} worker(s))",
+                     config.name(), data.step, impl->resume_state.sampler_epoch(),
+                     impl->resume_state.sampler_position(), data.mode, data.world_size);
+      } else if (has.code() == Status::Code::kNotFound) {
+        spdlog::info("no checkpoint in {}: starting {} from scratch", ck.dir(), config.name());
+      } else {
+        return has;
+      }
+    }
+    if (!so.read_only) {
+      impl->store = std::move(store);
+      if (ck.async_save()) impl->writer = std::make_unique<AsyncCheckpointWriter>(impl->store.get());
+    }
+  }
+
   if (options.write_outputs && s.is_chief()) {
     DTRAIN_RETURN_IF_ERROR(WriteResolvedConfig(config, config.run_dir() + "/config.textproto"));
     DTRAIN_RETURN_IF_ERROR(MetricsLog::Open(config.run_dir() + "/metrics.jsonl", &impl->metrics));
@@ -280,15 +356,30 @@ Status Trainer::Run(TrainResult* result) {
 
   m.model->train();
   m.loss->train();
-  int64_t step = 0;
+  int64_t step = m.resumed ? m.resume_state.step() : 0;
+  const int64_t first_step = step;
+  const int64_t first_epoch = m.resumed ? static_cast<int64_t>(m.resume_state.sampler_epoch()) : 0;
+  const int64_t stop_at = m.options.stop_after_steps > 0 ? std::min(m.options.stop_after_steps, m.total_steps)
+                                                         : m.total_steps;
+  const CheckpointConfig& ck = cfg.checkpoint();
+  auto state_at = [&](uint64_t sampler_epoch, uint64_t position) {
+    TrainerState s;
+    s.set_step(step);
+    s.set_sampler_epoch(sampler_epoch);
+    s.set_sampler_position(position);
+    s.set_steps_per_epoch(per_epoch);
+    return s;
+  };
   double interval_loss = 0, interval_data = 0, interval_compute = 0, interval_step = 0;
   int64_t interval_steps = 0, interval_images = 0, total_images = 0;
   double last_loss = 0;
   const auto run_start = Clock::now();
   auto interval_start = run_start;
 
-  for (int64_t epoch = 0; epoch < epochs && step < m.total_steps; ++epoch) {
-    loader.StartEpoch(static_cast<uint64_t>(epoch), /*reset_position=*/true);
+  bool interrupted = false;
+  for (int64_t epoch = first_epoch; epoch < epochs && step < m.total_steps && !interrupted; ++epoch) {
+    // A resumed epoch continues from the restored sampler position.
+    loader.StartEpoch(static_cast<uint64_t>(epoch), /*reset_position=*/!(m.resumed && epoch == first_epoch));
     std::unique_ptr<ProgressBar> bar;
     if (show_progress) {
       ProgressOptions po;
@@ -296,8 +387,14 @@ Status Trainer::Run(TrainResult* result) {
       po.total = std::min(per_epoch, m.total_steps - step);
       bar = std::make_unique<ProgressBar>(po);
     }
-    int64_t epoch_step = 0;
+    int64_t epoch_step = (m.resumed && epoch == first_epoch)
+                             ? static_cast<int64_t>(m.resume_state.sampler_position()) / m.sampler->global_batch()
+                             : 0;
     while (step < m.total_steps) {
+      if (step >= stop_at) {
+        interrupted = true;
+        break;
+      }
       const auto t0 = Clock::now();
       Batch batch = loader.Next();
       if (batch.end_of_epoch) break;
@@ -372,13 +469,24 @@ Status Trainer::Run(TrainResult* result) {
         interval_steps = interval_images = 0;
         interval_start = Clock::now();
       }
+      if (ck.every_steps() > 0 && step % ck.every_steps() == 0 && step < m.total_steps && strategy.is_chief()) {
+        DTRAIN_RETURN_IF_ERROR(m.SaveCheckpoint(state_at(batch.state_after.epoch, batch.state_after.position)));
+      }
     }
     if (bar) bar->Finish();
+    const bool epoch_done = !interrupted && (step % per_epoch == 0 || step == m.total_steps);
+    if (epoch_done && strategy.is_chief() &&
+        (step == m.total_steps || (ck.every_epochs() > 0 && (epoch + 1) % ck.every_epochs() == 0))) {
+      DTRAIN_RETURN_IF_ERROR(m.SaveCheckpoint(state_at(static_cast<uint64_t>(epoch + 1), 0)));
+    }
   }
   DTRAIN_RETURN_IF_ERROR(strategy.Finish());
+  if (m.writer) DTRAIN_RETURN_IF_ERROR(m.writer->Flush().WithContext("writing checkpoints"));
 
   TrainResult r;
   r.steps = step;
+  r.resumed_from_step = first_step;
+  r.checkpoints_saved = m.checkpoints_saved;
   r.epochs_completed = step / per_epoch;
   r.train_seconds = Seconds(run_start, Clock::now());
   r.images_per_sec = static_cast<double>(total_images) * strategy.world_size() / std::max(r.train_seconds, 1e-9);
@@ -386,6 +494,10 @@ Status Trainer::Run(TrainResult* result) {
   spdlog::info("trained {} step(s) in {:.1f} s: {:.0f} images/s, final loss {:.4f}", r.steps, r.train_seconds,
                r.images_per_sec, r.final_loss);
 
+  if (interrupted) {
+    if (result) *result = r;
+    return Status::OK();
+  }
   if (strategy.is_chief()) {
     if (m.options.write_outputs) {
       DTRAIN_RETURN_IF_ERROR(SaveModel(*m.model, cfg.run_dir() + "/model.pt"));

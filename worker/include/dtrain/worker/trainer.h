@@ -9,6 +9,10 @@
 //   config.textproto  the resolved config
 //   metrics.jsonl     one line every training.log_every_steps steps
 //   model.pt          the final embedder (torch::save), for `dtrain eval`
+//   store/            checkpoints (checkpoint.dir; common/checkpoint_store.h),
+//                     written by the chief: every checkpoint.every_steps steps,
+//                     at the end of every checkpoint.every_epochs epochs and at
+//                     the end; on a background thread when checkpoint.async_save
 //   eval.json         retrieval metrics of the model and the raw-pixel baseline
 //
 // Thread-safety: a Trainer is driven by one thread; it runs one background
@@ -39,11 +43,21 @@ struct TrainerOptions {
   // Evaluate on the test split at the end (also subject to eval.at_end).
   // Default: true.
   bool evaluate = true;
+  // Continue from the newest intact checkpoint of checkpoint.dir (falling
+  // back past corrupt ones, with a warning); a fresh start when the store is
+  // empty. Default: false.
+  bool resume = false;
+  // Stop (as if interrupted) after this many steps in all, without the final
+  // checkpoint or evaluation; 0 = run to the end. For tests and benchmarks.
+  int64_t stop_after_steps = 0;
 };
 
 struct TrainResult {
   int64_t steps = 0;
+  // Step the run resumed from (0 for a fresh start).
+  int64_t resumed_from_step = 0;
   int64_t epochs_completed = 0;
+  int64_t checkpoints_saved = 0;
   double train_seconds = 0;
   // Images per second over the whole run, summed over workers.
   double images_per_sec = 0;
@@ -68,6 +82,8 @@ class Trainer {
   Status Run(TrainResult* result);
 
   models::Embedder model() const;
+  // The loss module (ArcFace/CosFace class weights live there).
+  std::shared_ptr<models::LossModuleImpl> loss() const;
   const JobConfig& config() const;
 
  private:

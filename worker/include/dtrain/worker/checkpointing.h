@@ -1,0 +1,58 @@
+// What a training checkpoint holds, and how the trainer's state maps to the
+// checkpoint store's records (common/checkpoint_store.h).
+//
+// The layout is the same in every parallelism mode, so a checkpoint made in
+// one mode (or at one world size) resumes in another:
+//   tensors  "model/<parameter or buffer name>"        the embedder
+//            "loss/<parameter name>"                    e.g. ArcFace class weights
+//            "optim/<model|loss>/<name>/<slot>"        optimizer state per parameter
+//                                                       (SGD: momentum_buffer; AdamW:
+//                                                       exp_avg, exp_avg_sq, step)
+//   sections "trainer"   a TrainerState (proto/dtrain/trainer_state.proto): step,
+//                        sampler epoch and position, RNG state, optimizer kind
+//            "strategy/<name>"  free-form, for a strategy's own state
+//
+// Capture copies every tensor (the training thread may go on at once);
+// Restore checks every name, shape and dtype before it changes anything.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <string>
+
+#include "dtrain/common/checkpoint_store.h"
+#include "dtrain/common/status.h"
+#include "dtrain/job.pb.h"
+#include "dtrain/models/embedder.h"
+#include "dtrain/models/loss.h"
+#include "dtrain/trainer_state.pb.h"
+
+namespace dtrain::worker {
+
+// A CPU copy of `tensor` as a store record.
+Status TensorToRecord(const std::string& name, const torch::Tensor& tensor, TensorRecord* out);
+// A tensor holding a copy of the record's bytes.
+Status RecordToTensor(const TensorRecord& record, torch::Tensor* out);
+
+// Digest of the parts of a config that a checkpoint must agree with to be
+// resumed: the model and loss architecture and the dataset. Learning rate,
+// length, parallelism and world size may change between runs.
+std::string ResumeDigest(const JobConfig& config);
+
+struct TrainingObjects {
+  models::EmbedderImpl* model = nullptr;
+  models::LossModuleImpl* loss = nullptr;
+  torch::optim::Optimizer* optimizer = nullptr;
+  OptimizerConfig::Kind optimizer_kind = OptimizerConfig::SGD;
+};
+
+// Fills `out` with copies of everything, plus the manifest fields.
+Status CaptureCheckpoint(const JobConfig& config, const char* mode, int world_size, const TrainingObjects& objects,
+                         const TrainerState& state, CheckpointData* out);
+
+// Loads `data` into the objects and returns the trainer state. Corruption or
+// InvalidArgument naming the tensor when the checkpoint does not fit; then
+// nothing has been changed.
+Status RestoreCheckpoint(const CheckpointData& data, const TrainingObjects& objects, TrainerState* state);
+
+}  // namespace dtrain::worker
