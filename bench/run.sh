@@ -7,11 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/results
 names=("$@")
-[[ ${#names[@]} -gt 0 ]] || names=(data_pipeline build_time)
+[[ ${#names[@]} -gt 0 ]] || names=(data_pipeline trainer_overhead checkpoint build_time)
 for n in "${names[@]}"; do
   echo "== bench/$n"
   case "$n" in
     build_time) bash bench/build_time.sh ;;
+    quality) bash bench/quality.sh ;;
+    trainer_overhead | checkpoint) "build/bin/bench_$n" --out "bench/results/$n.json" ;;
     *)
       bin="build/bin/bench_$n"
       [[ -x "$bin" ]] || { echo "no $bin: run launch/build.sh first" >&2; exit 1; }
