@@ -16,6 +16,9 @@ void AddDataCommands(CLI::App& app, int* exit_code);
 // dtrain run CONFIG [--set k=v]... [--run-dir DIR]; dtrain eval RUN_DIR
 void AddRunCommands(CLI::App& app, int* exit_code);
 
+// dtrain ckpt list|inspect|export PATH
+void AddCkptCommands(CLI::App& app, int* exit_code);
+
 // dtrain version: dtrain's version and every library it was built with.
 void AddVersionCommand(CLI::App& app, int* exit_code);
 
