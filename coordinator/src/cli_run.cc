@@ -21,6 +21,7 @@ struct RunArgs {
   std::string run_dir;
   bool no_progress = false;
   bool resume = false;
+  bool force = false;
 };
 
 struct EvalArgs {
@@ -37,6 +38,7 @@ Status Run(const RunArgs& a) {
   worker::TrainerOptions options;
   options.progress = !a.no_progress;
   options.resume = a.resume;
+  options.force_store = a.force;
   return worker::RunJob(config, options, nullptr);
 }
 
@@ -83,6 +85,7 @@ void AddRunCommands(CLI::App& app, int* exit_code) {
   run->add_option("--run-dir", run_args->run_dir, "run directory (default: runs/<job name>)");
   run->add_flag("--no-progress", run_args->no_progress, "no progress bar, only log lines");
   run->add_flag("--resume", run_args->resume, "continue from the newest good checkpoint of the run's store, if any");
+  run->add_flag("--force", run_args->force, "use a checkpoint store that another job or model config created");
   run->callback([run_args, exit_code] {
     Status st = Run(*run_args);
     if (!st.ok()) {
@@ -98,6 +101,7 @@ void AddRunCommands(CLI::App& app, int* exit_code) {
   resume->add_option("--set", resume_args->overrides,
                      "override a config field, e.g. --set training.epochs=10 (model and loss must stay the same)");
   resume->add_flag("--no-progress", resume_args->no_progress, "no progress bar, only log lines");
+  resume->add_flag("--force", resume_args->force, "use a checkpoint store that another job or model config created");
   resume->callback([resume_args, exit_code] {
     Status st = Resume(*resume_args);
     if (!st.ok()) {

@@ -285,6 +285,7 @@ Status Trainer::Create(const JobConfig& config, std::unique_ptr<Strategy> strate
     so.keep_last = ck.keep_last();
     so.job_name = config.name();
     so.config_digest = ResumeDigest(config);
+    so.force = options.force_store;
     so.read_only = !(checkpointing && options.write_outputs && s.is_chief());
     so.create_if_missing = !so.read_only;
     std::unique_ptr<CheckpointStore> store;

@@ -47,6 +47,9 @@ struct TrainerOptions {
   // back past corrupt ones, with a warning); a fresh start when the store is
   // empty. Default: false.
   bool resume = false;
+  // Use a checkpoint store created by another job or for another model/loss
+  // config (refused otherwise, naming both). Default: false.
+  bool force_store = false;
   // Stop (as if interrupted) after this many steps in all, without the final
   // checkpoint or evaluation; 0 = run to the end. For tests and benchmarks.
   int64_t stop_after_steps = 0;
