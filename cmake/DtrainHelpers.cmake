@@ -84,20 +84,37 @@ function(dtrain_add_executable name)
   endif()
 endfunction()
 
-# dtrain_add_test(name SOURCES ... [DEPS ...] [TORCH] [LABELS ...])
+# dtrain_add_test(name SOURCES ... [DEPS ...] [TORCH] [LABELS ...] [MPI_RANKS n...])
 # One GoogleTest executable per folder under test; each TEST becomes a ctest
 # test (gtest_discover_tests), so `ctest -R Config` works.
+# MPI_RANKS: the sources bring their own main() (MPI); the executable runs as
+# one ctest test per rank count, under launch/mpirun.sh, named <name>.np<n>.
 function(dtrain_add_test name)
-  cmake_parse_arguments(ARG "TORCH" "" "SOURCES;DEPS;LABELS" ${ARGN})
+  cmake_parse_arguments(ARG "TORCH" "" "SOURCES;DEPS;LABELS;MPI_RANKS" ${ARGN})
   add_executable(${name} ${ARG_SOURCES})
   set_target_properties(${name} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
   target_compile_options(${name} PRIVATE ${DTRAIN_WARNINGS})
-  target_link_libraries(${name} PRIVATE dtrain_build_flags ${ARG_DEPS} GTest::gtest GTest::gtest_main GTest::gmock)
+  if(ARG_MPI_RANKS)
+    target_link_libraries(${name} PRIVATE dtrain_build_flags ${ARG_DEPS} GTest::gtest GTest::gmock)
+  else()
+    target_link_libraries(${name} PRIVATE dtrain_build_flags ${ARG_DEPS} GTest::gtest GTest::gtest_main GTest::gmock)
+  endif()
   target_compile_definitions(${name} PRIVATE
     DTRAIN_SOURCE_DIR="${PROJECT_SOURCE_DIR}"
     DTRAIN_BINARY_DIR="${CMAKE_BINARY_DIR}")
   if(ARG_TORCH)
     dtrain_use_torch(${name})
+  endif()
+  if(ARG_MPI_RANKS)
+    foreach(_np ${ARG_MPI_RANKS})
+      add_test(NAME ${name}.np${_np}
+        COMMAND bash ${PROJECT_SOURCE_DIR}/launch/mpirun.sh -n ${_np} -- $<TARGET_FILE:${name}>
+        WORKING_DIRECTORY ${CMAKE_BINARY_DIR})
+      # Each rank pins one core at a time (OMP_NUM_THREADS=1); ctest counts them.
+      set_tests_properties(${name}.np${_np} PROPERTIES LABELS "${ARG_LABELS};mpi" PROCESSORS ${_np}
+        ENVIRONMENT "OMP_NUM_THREADS=1" TIMEOUT 600)
+    endforeach()
+    return()
   endif()
   include(GoogleTest)
   gtest_discover_tests(${name}

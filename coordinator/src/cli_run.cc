@@ -8,6 +8,7 @@
 #include "dtrain/common/config.h"
 #include "dtrain/common/metrics_log.h"
 #include "dtrain/coordinator/cli.h"
+#include "dtrain/coordinator/mpirun_launcher.h"
 #include "dtrain/models/registry.h"
 #include "dtrain/worker/run_job.h"
 #include "dtrain/worker/trainer.h"
@@ -35,6 +36,18 @@ Status Run(const RunArgs& a) {
   if (!a.run_dir.empty()) overrides.push_back("run_dir=" + a.run_dir);
   JobConfig config;
   DTRAIN_RETURN_IF_ERROR(LoadJobConfig(a.config, overrides, &config));
+  if (config.launch().workers() > 1 || config.launch().launcher() == LaunchConfig::MPIRUN) {
+    // Several workers: one dtrain-worker per rank under mpirun.
+    coordinator::MpirunRequest req;
+    req.config_path = a.config;
+    req.overrides = overrides;
+    req.no_progress = a.no_progress;
+    req.resume = a.resume;
+    req.force = a.force;
+    std::vector<std::string> argv;
+    DTRAIN_RETURN_IF_ERROR(coordinator::BuildMpirunCommand(config, req, &argv));
+    return coordinator::RunAndWait(argv);
+  }
   worker::TrainerOptions options;
   options.progress = !a.no_progress;
   options.resume = a.resume;

@@ -273,55 +273,74 @@ Status Trainer::Create(const JobConfig& config, std::unique_ptr<Strategy> strate
   impl->schedule.total_steps = impl->total_steps;
   impl->schedule.steps_per_epoch = per_epoch;
 
+  // Resume and checkpoint store. Every rank reads the checkpoint (read-only;
+  // the store is on a shared filesystem); Setup() below is collective, so no
+  // rank goes past it before every rank has read and closed the store; only
+  // then does the chief open it for writing.
+  const CheckpointConfig& ck = config.checkpoint();
+  const bool checkpointing = ck.every_steps() > 0 || ck.every_epochs() > 0;
+  StoreOptions so;
+  so.path = ck.dir();
+  so.keep_last = ck.keep_last();
+  so.job_name = config.name();
+  so.config_digest = ResumeDigest(config);
+  so.force = options.force_store;
+  if (options.resume && !std::filesystem::exists(ck.dir())) {
+    spdlog::info("no checkpoint store at {}: starting {} from scratch", ck.dir(), config.name());
+  } else if (options.resume) {
+    StoreOptions ro = so;
+    ro.read_only = true;
+    ro.create_if_missing = false;
+    std::unique_ptr<CheckpointStore> store;
+    DTRAIN_RETURN_IF_ERROR(CheckpointStore::Open(ro, &store).WithContext("checkpoint store " + ck.dir()));
+    int64_t latest = 0;
+    Status has = store->LatestStep(&latest);
+    if (has.ok()) {
+      CheckpointData data;
+      std::vector<std::string> warnings;
+      DTRAIN_RETURN_IF_ERROR(store->LoadLatestGood(&data, &warnings));
+      for (const std::string& w : warnings) spdlog::warn("{}", w);
+      DTRAIN_RETURN_IF_ERROR(RestoreCheckpoint(data, impl->Objects(), &impl->resume_state));
+      if (!impl->resume_state.torch_rng_state().empty()) {
+        const std::string& rs = impl->resume_state.torch_rng_state();
+        torch::Tensor t = torch::empty({static_cast<int64_t>(rs.size())}, torch::kUInt8);
+        std::memcpy(t.data_ptr(), rs.data(), rs.size());
+        at::Generator gen = at::detail::getDefaultCPUGenerator();
+        gen.set_state(t);
+      }
+      DTRAIN_RETURN_IF_ERROR(impl->sampler->Restore(
+          {impl->resume_state.sampler_epoch(), impl->resume_state.sampler_position()}));
+      // Steps count global batches, whose size changes with the world size:
+      // at another world size the step (and so the LR schedule) continues
+      // from the same point of the data, epoch and position.
+      if (data.world_size != s.world_size() && per_epoch > 0) {
+        const int64_t g = impl->sampler->global_batch();
+        const int64_t rescaled = static_cast<int64_t>(impl->resume_state.sampler_epoch()) * per_epoch +
+                                 (static_cast<int64_t>(impl->resume_state.sampler_position()) + g - 1) / g;
+        spdlog::info("world size {} -> {}: step {} of the checkpoint is step {} at this world size", data.world_size,
+                     s.world_size(), impl->resume_state.step(), rescaled);
+        impl->resume_state.set_step(rescaled);
+      }
+      impl->resumed = true;
+      spdlog::info("resuming {} from checkpoint {} (epoch {}, sample {} of it, saved in {} mode by {} worker(s))",
+                   config.name(), data.step, impl->resume_state.sampler_epoch(), impl->resume_state.sampler_position(),
+                   data.mode, data.world_size);
+    } else if (has.code() == Status::Code::kNotFound) {
+      spdlog::info("no checkpoint in {}: starting {} from scratch", ck.dir(), config.name());
+    } else {
+      return has;
+    }
+  }
+
   std::vector<torch::Tensor> buffers;
   for (const auto& b : impl->model->buffers()) buffers.push_back(b);
   DTRAIN_RETURN_IF_ERROR(impl->strategy->Setup(impl->parameters, buffers));
 
-  const CheckpointConfig& ck = config.checkpoint();
-  const bool checkpointing = ck.every_steps() > 0 || ck.every_epochs() > 0;
-  if (options.resume || (checkpointing && options.write_outputs && s.is_chief())) {
-    StoreOptions so;
-    so.path = ck.dir();
-    so.keep_last = ck.keep_last();
-    so.job_name = config.name();
-    so.config_digest = ResumeDigest(config);
-    so.force = options.force_store;
-    so.read_only = !(checkpointing && options.write_outputs && s.is_chief());
-    so.create_if_missing = !so.read_only;
-    std::unique_ptr<CheckpointStore> store;
-    DTRAIN_RETURN_IF_ERROR(CheckpointStore::Open(so, &store).WithContext("checkpoint store " + ck.dir()));
-    if (options.resume) {
-      int64_t latest = 0;
-      Status has = store->LatestStep(&latest);
-      if (has.ok()) {
-        CheckpointData data;
-        std::vector<std::string> warnings;
-        DTRAIN_RETURN_IF_ERROR(store->LoadLatestGood(&data, &warnings));
-        for (const std::string& w : warnings) spdlog::warn("{}", w);
-        DTRAIN_RETURN_IF_ERROR(RestoreCheckpoint(data, impl->Objects(), &impl->resume_state));
-        if (!impl->resume_state.torch_rng_state().empty()) {
-          const std::string& rs = impl->resume_state.torch_rng_state();
-          torch::Tensor t = torch::empty({static_cast<int64_t>(rs.size())}, torch::kUInt8);
-          std::memcpy(t.data_ptr(), rs.data(), rs.size());
-          at::Generator gen = at::detail::getDefaultCPUGenerator();
-          gen.set_state(t);
-        }
-        DTRAIN_RETURN_IF_ERROR(impl->sampler->Restore(
-            {impl->resume_state.sampler_epoch(), impl->resume_state.sampler_position()}));
-        impl->resumed = true;
-        spdlog::info("resuming {} from checkpoint {} (epoch {}, sample {} of it, saved in {} mode by {} worker(s))",
-                     config.name(), data.step, impl->resume_state.sampler_epoch(),
-                     impl->resume_state.sampler_position(), data.mode, data.world_size);
-      } else if (has.code() == Status::Code::kNotFound) {
-        spdlog::info("no checkpoint in {}: starting {} from scratch", ck.dir(), config.name());
-      } else {
-        return has;
-      }
-    }
-    if (!so.read_only) {
-      impl->store = std::move(store);
-      if (ck.async_save()) impl->writer = std::make_unique<AsyncCheckpointWriter>(impl->store.get());
-    }
+  if (checkpointing && options.write_outputs && s.is_chief()) {
+    so.read_only = false;
+    so.create_if_missing = true;
+    DTRAIN_RETURN_IF_ERROR(CheckpointStore::Open(so, &impl->store).WithContext("checkpoint store " + ck.dir()));
+    if (ck.async_save()) impl->writer = std::make_unique<AsyncCheckpointWriter>(impl->store.get());
   }
 
   if (options.write_outputs && s.is_chief()) {

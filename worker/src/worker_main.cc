@@ -1,25 +1,37 @@
-// dtrain-worker: one training process. Started by the coordinator (dtrain run)
-// or directly: dtrain-worker --config job.textproto [--set k=v]...
+// dtrain-worker: one training process. Started by `dtrain run` (through
+// launch/mpirun.sh when the job has several workers), by mpirun directly:
+//   mpirun -np 2 dtrain-worker --config job.textproto [--set k=v]...
+// or alone (one local worker).
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <cstdlib>
 
 #include "dtrain/common/config.h"
+#include "dtrain/common/env.h"
 #include "dtrain/common/logging.h"
+#include "dtrain/worker/collective/mpi_collective.h"
 #include "dtrain/worker/run_job.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"dtrain-worker: one training process of a dtrain job", "dtrain-worker"};
+  CLI::App app{"dtrain-worker: one training process of a dtrain job. Under mpirun (or another MPI launcher) "
+               "the ranks train together with synchronous all-reduce; alone it trains as one local worker.",
+               "dtrain-worker"};
   std::string config_path, run_dir;
   std::vector<std::string> overrides;
-  bool no_progress = false;
+  bool no_progress = false, resume = false, force = false;
   app.add_option("--config", config_path, "job config (protobuf text format)")->required()->check(CLI::ExistingFile);
   app.add_option("--set", overrides, "override a config field: --set optimizer.lr=0.05 (repeatable)");
   app.add_option("--run-dir", run_dir, "run directory (default: the config's run_dir, runs/<name>)");
   app.add_flag("--no-progress", no_progress, "no progress bar, only log lines");
+  app.add_flag("--resume", resume, "continue from the newest good checkpoint of the job's store, if any");
+  app.add_flag("--force", force, "use a checkpoint store that another job or model config created");
   CLI11_PARSE(app, argc, argv);
 
   dtrain::LoggingOptions lo;
   lo.role = "worker";
+  if (dtrain::collective::MpiRuntime::LaunchedByMpirun()) {
+    lo.rank = std::atoi(dtrain::env::Get(dtrain::env::kOmpiWorldRank, "0"));
+  }
   if (dtrain::Status st = dtrain::InitLogging(lo); !st.ok()) {
     std::fprintf(stderr, "dtrain-worker: %s\n", st.ToString().c_str());
     return 2;
@@ -30,11 +42,9 @@ int main(int argc, char** argv) {
   if (st.ok()) {
     dtrain::worker::TrainerOptions options;
     options.progress = !no_progress;
+    options.resume = resume;
+    options.force_store = force;
     st = dtrain::worker::RunJob(config, options, nullptr);
   }
-  if (!st.ok()) {
-    std::fprintf(stderr, "dtrain-worker: %s\n", st.ToString().c_str());
-    return 1;
-  }
-  return 0;
+  return dtrain::worker::FinishProcess("dtrain-worker", st);
 }

@@ -12,6 +12,16 @@ inline constexpr const char* kProgress = "DTRAIN_PROGRESS";
 // Where launch/install-deps.sh put the torch venv (used by scripts only).
 inline constexpr const char* kTorchDir = "DTRAIN_TORCH_DIR";
 
+// Set by the launchers of MPI jobs (Open MPI's mpirun; PMI and PMIx based
+// launchers such as srun): their presence means "started by mpirun".
+inline constexpr const char* kOmpiWorldSize = "OMPI_COMM_WORLD_SIZE";
+inline constexpr const char* kPmiSize = "PMI_SIZE";
+inline constexpr const char* kPmixRank = "PMIX_RANK";
+// Open MPI's rank of this process and the number of ranks on its node (read
+// for the log tag before MPI is initialised, and to size thread pools).
+inline constexpr const char* kOmpiWorldRank = "OMPI_COMM_WORLD_RANK";
+inline constexpr const char* kOmpiLocalSize = "OMPI_COMM_WORLD_LOCAL_SIZE";
+
 // Returns the variable's value, or `fallback` when it is unset or empty.
 const char* Get(const char* name, const char* fallback);
 

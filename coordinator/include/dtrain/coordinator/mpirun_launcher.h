@@ -1,0 +1,44 @@
+// The MPIRUN launcher: runs the workers of a job under mpirun, through
+// launch/mpirun.sh (which adds the flags containers and small machines need).
+// `dtrain run` uses it for every job of more than one worker; launch.launcher
+// LOCAL runs the ranks on this machine, MPIRUN on the hosts of
+// launch.hostfile.
+//
+// Until the coordinator (docs/status.md) launches workers itself, mpirun is the
+// only way a multi-worker job starts: the MPI backend needs an MPI world.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "dtrain/common/status.h"
+#include "dtrain/job.pb.h"
+
+namespace dtrain::coordinator {
+
+struct MpirunRequest {
+  // How the workers load the job: the same config file and overrides the
+  // user gave `dtrain run`, so that every rank resolves the same config.
+  std::string config_path;
+  std::vector<std::string> overrides;
+  // Passed on to dtrain-worker.
+  bool no_progress = false;
+  bool resume = false;
+  bool force = false;
+  // Programs. Defaults: dtrain-worker beside this executable, and
+  // launch/mpirun.sh of the source tree this binary was built from.
+  std::string worker_binary;
+  std::string mpirun_script;
+};
+
+// The argv that runs the job: bash mpirun.sh -n N [--hostfile H]
+// [--oversubscribe] [--mpi-arg A]... -- dtrain-worker --config ... .
+// InvalidArgument / NotFound when a program or the hostfile is missing.
+Status BuildMpirunCommand(const JobConfig& config, const MpirunRequest& request, std::vector<std::string>* argv);
+
+// Runs `argv` in a child process with this process's stdout and stderr, waits
+// for it and returns OK when it exits 0. SIGINT and SIGTERM received
+// meanwhile are passed on to it (mpirun forwards them to the ranks).
+Status RunAndWait(const std::vector<std::string>& argv);
+
+}  // namespace dtrain::coordinator

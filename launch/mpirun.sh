@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Runs a dtrain program under Open MPI's mpirun with the flags a container and
+# a small machine need. `dtrain run` uses it for jobs of several workers
+# (launch.workers > 1, or launcher: MPIRUN); use it directly for cluster jobs:
+#
+#   launch/mpirun.sh -n 4 [--hostfile hosts.txt] [--oversubscribe] [--mpi-arg ARG]... -- \
+#       build/bin/dtrain-worker --config configs/sync_arcface.textproto
+#
+# What it adds to mpirun:
+#   --allow-run-as-root        when run as root (containers)
+#   --bind-to none             ranks are not pinned to cores: each rank sizes
+#                              its own thread pool (cores / ranks on the node)
+#   --host localhost:N         without a hostfile: N slots on this machine,
+#                              whatever the core count (mpirun would otherwise
+#                              count physical cores and refuse more ranks)
+#   --oversubscribe            only when asked (more ranks than slots)
+#   --mca btl_vader_single_copy_mechanism none
+#                              containers forbid the cross-process memory
+#                              access (CMA) of the shared-memory transport
+#   -x VAR                     for PATH, LD_LIBRARY_PATH, OMP_NUM_THREADS when
+#                              set, and every DTRAIN_* variable
+#
+#   DTRAIN_MPIRUN   the mpirun binary (default: mpirun on PATH)
+#
+# Exit status: mpirun's (non-zero when any rank fails or the job was aborted).
+set -euo pipefail
+
+usage() {
+  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+  exit "${1:-2}"
+}
+
+np="" hostfile="" oversubscribe=0 extra=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -n|-np) np="${2:?-n needs a number}"; shift 2 ;;
+    --hostfile) hostfile="${2:?--hostfile needs a file}"; shift 2 ;;
+    --oversubscribe) oversubscribe=1; shift ;;
+    --mpi-arg) extra+=("${2:?--mpi-arg needs a value}"); shift 2 ;;
+    -h|--help) usage 0 ;;
+    --) shift; break ;;
+    *) echo "launch/mpirun.sh: unknown option '$1' (the program comes after --)" >&2; usage 2 ;;
+  esac
+done
+[[ -n "$np" && "$np" =~ ^[1-9][0-9]*$ ]] || { echo "launch/mpirun.sh: -n N (ranks, >= 1) is required" >&2; exit 2; }
+[[ $# -gt 0 ]] || { echo "launch/mpirun.sh: no program given after --" >&2; exit 2; }
+MPIRUN="${DTRAIN_MPIRUN:-mpirun}"
+command -v "$MPIRUN" >/dev/null || { echo "launch/mpirun.sh: $MPIRUN not found (launch/install-deps.sh installs openmpi-bin)" >&2; exit 2; }
+
+args=(-np "$np" --bind-to none --mca btl_vader_single_copy_mechanism none)
+[[ $(id -u) -eq 0 ]] && args+=(--allow-run-as-root)
+if [[ -n "$hostfile" ]]; then
+  [[ -r "$hostfile" ]] || { echo "launch/mpirun.sh: hostfile $hostfile not readable" >&2; exit 2; }
+  args+=(--hostfile "$hostfile")
+else
+  args+=(--host "localhost:$np")
+fi
+((oversubscribe)) && args+=(--oversubscribe)
+for v in PATH LD_LIBRARY_PATH OMP_NUM_THREADS; do
+  [[ -n "${!v:-}" ]] && args+=(-x "$v")
+done
+while IFS='=' read -r name _; do
+  [[ "$name" == DTRAIN_* ]] && args+=(-x "$name")
+done < <(env)
+exec "$MPIRUN" "${args[@]}" "${extra[@]}" "$@"
