@@ -23,7 +23,8 @@ ProgressBar::ProgressBar(ProgressOptions options) : opt_(std::move(options)) {
     case ProgressOptions::Mode::kTty: tty_ = true; break;
     case ProgressOptions::Mode::kLines: tty_ = false; break;
     case ProgressOptions::Mode::kAuto:
-      tty_ = isatty(STDERR_FILENO) == 1 && std::strcmp(env::Get(env::kProgress, "1"), "0") != 0;
+      tty_ = (isatty(STDERR_FILENO) == 1 || std::strcmp(env::Get(env::kProgress, "1"), "tty") == 0) &&
+             std::strcmp(env::Get(env::kProgress, "1"), "0") != 0;
       break;
   }
   if (!opt_.sink) {

@@ -7,7 +7,10 @@
 
 #include <cerrno>
 #include <cstring>
+#include <cstdlib>
 #include <filesystem>
+
+#include "dtrain/common/env.h"
 
 namespace dtrain::coordinator {
 namespace {
@@ -71,6 +74,9 @@ Status RunAndWait(const std::vector<std::string>& argv) {
   const pid_t pid = fork();
   if (pid < 0) return Status::Internal(std::string("fork: ") + std::strerror(errno));
   if (pid == 0) {
+    // mpirun relays the ranks' output through pipes: let rank 0 draw its
+    // progress bar when this process writes to a terminal.
+    if (isatty(STDERR_FILENO) == 1 && env::Get(env::kProgress, nullptr) == nullptr) setenv(env::kProgress, "tty", 1);
     std::vector<char*> args;
     for (const std::string& s : argv) args.push_back(const_cast<char*>(s.c_str()));
     args.push_back(nullptr);

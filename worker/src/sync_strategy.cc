@@ -93,7 +93,7 @@ struct SyncStrategy::Impl {
 
   ReduceOp grad_op() const { return options.global_mining ? ReduceOp::kSum : ReduceOp::kAverage; }
   std::string BucketLabel(size_t b) const {
-    return "grad bucket " + std::to_string(b) + "/" + std::to_string(buckets.size());
+    return "grad bucket " + std::to_string(b + 1) + "/" + std::to_string(buckets.size());
   }
   void Launch(size_t b, bool in_backward) {
     Bucket& bucket = buckets[b];

@@ -7,7 +7,9 @@ namespace dtrain::env {
 
 // Log level for every process: trace, debug, info, warn, error, off.
 inline constexpr const char* kLogLevel = "DTRAIN_LOG_LEVEL";
-// "0" turns the TTY progress bar off (periodic log lines instead).
+// "0" turns the TTY progress bar off (periodic log lines instead); "tty"
+// turns it on although stderr is not a terminal (set by `dtrain run` for the
+// workers it starts under mpirun, which relays their output to its terminal).
 inline constexpr const char* kProgress = "DTRAIN_PROGRESS";
 // Where launch/install-deps.sh put the torch venv (used by scripts only).
 inline constexpr const char* kTorchDir = "DTRAIN_TORCH_DIR";
