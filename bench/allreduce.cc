@@ -37,15 +37,18 @@ double Median(std::vector<double> v) {
 int main(int argc, char** argv) {
   CLI::App app{"bench_allreduce: Collective::AllReduce vs raw MPI_Allreduce (run under mpirun)"};
   std::string out;
-  int max_mb = 64, rounds = 5;
+  int max_mb = 64, rounds = 9;
   app.add_option("--out", out, "JSON file (default bench/results/allreduce_np<N>.json)");
   app.add_option("--max-mb", max_mb, "largest message in MB (default 64)");
-  app.add_option("--rounds", rounds, "alternating rounds per size; the median is reported (default 5)");
+  app.add_option("--rounds", rounds, "alternating rounds per size; the median is reported (default 9)");
+  MpiCollectiveOptions co;
+  app.add_option("--spin-us", co.spin_us, "MpiCollectiveOptions::spin_us");
+  app.add_option("--max-sleep-us", co.max_sleep_us, "MpiCollectiveOptions::max_sleep_us");
   CLI11_PARSE(app, argc, argv);
   torch::set_num_threads(1);
   if (!MpiRuntime::Init().ok()) return 1;
   std::unique_ptr<MpiCollective> coll;
-  if (!MpiCollective::Create({}, &coll).ok()) return 1;
+  if (!MpiCollective::Create(co, &coll).ok()) return 1;
   const int n = coll->size(), rank = coll->rank();
   if (out.empty()) out = "bench/results/allreduce_np" + std::to_string(n) + ".json";
   const double factor = n > 1 ? 2.0 * (n - 1) / n : 1.0;

@@ -14,6 +14,8 @@
 #                              whatever the core count (mpirun would otherwise
 #                              count physical cores and refuse more ranks)
 #   --oversubscribe            only when asked (more ranks than slots)
+#   --mca mpi_yield_when_idle 1  without a hostfile, when N > cores: a rank
+#                              waiting inside MPI yields its core
 #   --mca btl_vader_single_copy_mechanism none
 #                              containers forbid the cross-process memory
 #                              access (CMA) of the shared-memory transport
@@ -54,6 +56,8 @@ if [[ -n "$hostfile" ]]; then
   args+=(--hostfile "$hostfile")
 else
   args+=(--host "localhost:$np")
+  # More ranks than cores: ranks waiting inside MPI yield the core.
+  ((np > $(nproc))) && args+=(--mca mpi_yield_when_idle 1)
 fi
 ((oversubscribe)) && args+=(--oversubscribe)
 for v in PATH LD_LIBRARY_PATH OMP_NUM_THREADS; do

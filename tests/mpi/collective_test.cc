@@ -175,7 +175,10 @@ TEST_F(MpiCollectiveTest, StalledRankIsNamedInTheTimeoutError) {
     EXPECT_EQ(later.code(), Status::Code::kAborted);
     EXPECT_THAT(later.message(), HasSubstr("broken"));
   } else {
+    // Arrive late: the others' operation (still inside MPI) completes with
+    // this one, so that no thread is left in MPI at MPI_Finalize.
     std::this_thread::sleep_for(std::chrono::milliseconds(3000));
+    EXPECT_TRUE(stalling->AllReduce(t, ReduceOp::kSum, label)->Wait().ok());
   }
   // Let every rank pass this point before the next test.
   ASSERT_TRUE(coll_->Barrier()->Wait().ok());

@@ -67,19 +67,29 @@ RuntimeState& Runtime() {
   return s;
 }
 
-// MPI runs at MPI_THREAD_SERIALIZED: the communication threads of several
-// MpiCollectives (and Create/destroy on the caller's thread) take turns
-// through this mutex.
-std::mutex& MpiCallMutex() {
-  static std::mutex mu;
-  return mu;
-}
+// Collective threads left inside a blocking MPI call by a broken (timed-out)
+// MpiCollective whose object is gone. MPI_Finalize must not run under them.
+std::atomic<int> g_threads_left_in_mpi{0};
 
 // ---- Work ------------------------------------------------------------------------
+
+// How long a hand-off between threads spins (yielding the core to any other
+// runnable thread: this machine runs several ranks per core) before it blocks
+// on a condition variable, whose wake-up costs 20-40 us here: a waiter spins
+// up to kWaitSpinUs, the collective thread up to kQueueSpinUs for the next
+// operation.
+constexpr int kWaitSpinUs = 1000;
+constexpr int kQueueSpinUs = 50;
 
 class WorkImpl : public Work {
  public:
   Status Wait() override {
+    // Spin for a few tens of microseconds first: most small operations
+    // complete within that, and a sleeping waiter costs a wake-up.
+    const auto spin_until = Clock::now() + std::chrono::microseconds(kWaitSpinUs);
+    while (!done_flag_.load(std::memory_order_acquire) && Clock::now() < spin_until) {
+      std::this_thread::yield();
+    }
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [this] { return done_; });
     if (!finished_) {
@@ -111,6 +121,7 @@ class WorkImpl : public Work {
       status_ = std::move(st);
       seconds_ = seconds;
       done_ = true;
+      done_flag_.store(true, std::memory_order_release);
     }
     cv_.notify_all();
   }
@@ -123,6 +134,7 @@ class WorkImpl : public Work {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;
+  std::atomic<bool> done_flag_{false};  // done_, readable without the lock
   bool finished_ = false;
   Status status_;
   double seconds_ = 0;
@@ -169,10 +181,9 @@ struct Op {
   int tag = 0;
   int64_t seq = -1;  // collectives: position in the issue order
   std::shared_ptr<WorkImpl> work;
-  // Comm thread only:
-  MPI_Request request = MPI_REQUEST_NULL;
+  // Set by the thread that runs the operation:
+  MPI_Request request = MPI_REQUEST_NULL;  // Send/Recv
   Clock::time_point start;
-  bool announced = false;
 };
 
 }  // namespace
@@ -192,11 +203,12 @@ Status MpiRuntime::Init() {
   if (rt.initialized) return Status::OK();
   if (rt.finalized) return Status::FailedPrecondition("MPI was already finalized in this process");
   int provided = 0;
-  int rc = MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided);
+  int rc = MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided);
   if (rc != MPI_SUCCESS) return Status::Internal("MPI_Init_thread failed: " + MpiError(rc));
-  if (provided < MPI_THREAD_SERIALIZED) {
-    return Status::FailedPrecondition("this MPI library does not provide MPI_THREAD_SERIALIZED (got level " +
-                                      std::to_string(provided) + ")");
+  if (provided < MPI_THREAD_MULTIPLE) {
+    return Status::FailedPrecondition("this MPI library does not provide MPI_THREAD_MULTIPLE (got level " +
+                                      std::to_string(provided) + "); dtrain needs an Open MPI built with "
+                                      "thread support (Debian's is)");
   }
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   HalfOps& ops = GetHalfOps();
@@ -232,6 +244,19 @@ void MpiRuntime::Finalize() {
   RuntimeState& rt = Runtime();
   std::lock_guard<std::mutex> lock(rt.mu);
   if (!rt.initialized || rt.finalized) return;
+  // A collective that timed out may have left its thread inside MPI (waiting
+  // for a peer that may still come): give it a moment, then end the job
+  // rather than finalize under it.
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (g_threads_left_in_mpi.load() > 0 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (g_threads_left_in_mpi.load() > 0) {
+    std::fprintf(stderr, "dtrain: a collective that timed out is still inside MPI; ending the job instead of "
+                         "finalizing MPI\n");
+    std::fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
   HalfOps& ops = GetHalfOps();
   for (MPI_Op* op : {&ops.sum_fp16, &ops.max_fp16, &ops.sum_bf16, &ops.max_bf16}) {
     if (*op != MPI_OP_NULL) MPI_Op_free(op);
@@ -259,29 +284,36 @@ struct MpiCollective::Impl {
   std::atomic<int64_t> bytes_sent{0};
 
   std::mutex mu;
-  std::condition_variable cv;
-  std::deque<std::unique_ptr<Op>> queue;  // GUARDED_BY(mu)
-  bool stop = false;                      // GUARDED_BY(mu)
-  int64_t next_seq = 0;                   // GUARDED_BY(mu)
-  std::string broken;                     // GUARDED_BY(mu); why, once broken
-  std::thread thread;
-
-  // Comm thread only.
-  std::list<std::unique_ptr<Op>> in_flight;
-  // Operations given up after a timeout: MPI may still write into their
+  std::condition_variable coll_cv;      // collective queued, stop, broken
+  std::condition_variable p2p_cv;       // send/recv queued, stop
+  std::condition_variable watchdog_cv;  // stop, broken
+  std::condition_variable done_cv;      // a collective finished (the destructor waits)
+  std::atomic<int64_t> coll_queued{0};  // collectives enqueued so far (for spinning)
+  std::deque<std::unique_ptr<Op>> coll_queue;  // GUARDED_BY(mu)
+  std::deque<std::unique_ptr<Op>> p2p_queue;   // GUARDED_BY(mu)
+  bool stop = false;                    // GUARDED_BY(mu)
+  int64_t next_seq = 0;                 // GUARDED_BY(mu)
+  std::string broken;                   // GUARDED_BY(mu); why, once broken
+  Op* current = nullptr;                // GUARDED_BY(mu); the collective inside MPI now
+  bool left_in_mpi = false;             // GUARDED_BY(mu); counted in g_threads_left_in_mpi
+  // Collectives given up after a timeout: MPI may still write into their
   // buffers, so they are kept alive (never freed) once the collective broke.
-  std::list<std::unique_ptr<Op>> abandoned;
+  std::vector<std::unique_ptr<Op>> abandoned;  // GUARDED_BY(mu)
+
+  std::thread coll_thread, p2p_thread, watchdog_thread;
+
+  // Watchdog thread only.
   std::vector<int64_t> peer_waiting;  // latest collective seq each rank announced waiting in (-1: none)
   int64_t announce_buf = -1;
   std::vector<int64_t> announce_out;
-  std::vector<MPI_Request> announce_requests;
   MPI_Request announce_recv = MPI_REQUEST_NULL;
 
   std::shared_ptr<Work> Enqueue(std::unique_ptr<Op> op);
-  void Loop();
-  void Start(Op& op);
-  void FailAll(const std::string& why);
-  void Announce(const Op& op);
+  void CollectiveLoop();
+  void P2pLoop();
+  void WatchdogLoop();
+  int RunCollective(Op& op);
+  void Announce(int64_t seq);
   void PollAnnouncements();
   std::string StallReport(const Op& op) const;
 };
@@ -300,57 +332,171 @@ std::shared_ptr<Work> MpiCollective::Impl::Enqueue(std::unique_ptr<Op> op) {
                      0);
       return work;
     }
-    if (IsCollective(op->kind)) op->seq = next_seq++;
-    queue.push_back(std::move(op));
+    if (IsCollective(op->kind)) {
+      op->seq = next_seq++;
+      coll_queue.push_back(std::move(op));
+      coll_queued.fetch_add(1, std::memory_order_release);
+      coll_cv.notify_one();
+    } else {
+      p2p_queue.push_back(std::move(op));
+      p2p_cv.notify_one();
+    }
   }
-  cv.notify_one();
   return work;
 }
 
-void MpiCollective::Impl::Start(Op& op) {
-  op.start = Clock::now();
-  int rc = MPI_SUCCESS;
+// The blocking MPI call of a collective (Open MPI's tuned algorithms, which
+// beat the non-blocking ones of libnbc by 1.5-10x here: docs/benchmarks.md).
+int MpiCollective::Impl::RunCollective(Op& op) {
   void* buf = op.buffer.defined() ? op.buffer.data_ptr() : nullptr;
+  int type_size = 1;
+  MPI_Type_size(op.dtype, &type_size);
+  if (op.kind != Kind::kBarrier) bytes_sent += static_cast<int64_t>(op.count) * type_size;
   switch (op.kind) {
-    case Kind::kAllReduce:
-      rc = MPI_Iallreduce(MPI_IN_PLACE, buf, op.count, op.dtype, op.mpi_op, comm, &op.request);
-      break;
-    case Kind::kBroadcast:
-      rc = MPI_Ibcast(buf, op.count, op.dtype, op.root, comm, &op.request);
-      break;
+    case Kind::kAllReduce: return MPI_Allreduce(MPI_IN_PLACE, buf, op.count, op.dtype, op.mpi_op, comm);
+    case Kind::kBroadcast: return MPI_Bcast(buf, op.count, op.dtype, op.root, comm);
     case Kind::kAllGather:
-      rc = MPI_Iallgather(buf, op.count, op.dtype, op.output.data_ptr(), op.count, op.dtype, comm, &op.request);
-      break;
-    case Kind::kBarrier:
-      rc = MPI_Ibarrier(comm, &op.request);
-      break;
-    case Kind::kSend:
-      rc = MPI_Isend(buf, op.count, op.dtype, op.peer, op.tag, p2p_comm, &op.request);
-      break;
-    case Kind::kRecv:
-      rc = MPI_Irecv(buf, op.count, op.dtype, op.peer, op.tag, p2p_comm, &op.request);
-      break;
-  }
-  if (rc != MPI_SUCCESS) {
-    op.request = MPI_REQUEST_NULL;
-    op.work->Complete(Status::Internal(std::string(KindName(op.kind)) + " '" + op.label + "': " + MpiError(rc)), 0);
-    return;
-  }
-  if (op.kind != Kind::kRecv && op.kind != Kind::kBarrier) {
-    int type_size = 1;
-    MPI_Type_size(op.dtype, &type_size);
-    bytes_sent += static_cast<int64_t>(op.count) * type_size;
+      return MPI_Allgather(buf, op.count, op.dtype, op.output.data_ptr(), op.count, op.dtype, comm);
+    case Kind::kBarrier: return MPI_Barrier(comm);
+    default: return MPI_ERR_OTHER;
   }
 }
 
-void MpiCollective::Impl::Announce(const Op& op) {
+void MpiCollective::Impl::CollectiveLoop() {
+  int64_t taken = 0;
+  while (true) {
+    // The next collective usually follows within microseconds (the buckets
+    // of one backward): spin briefly before sleeping.
+    const auto spin_until = Clock::now() + std::chrono::microseconds(kQueueSpinUs);
+    while (coll_queued.load(std::memory_order_acquire) == taken && Clock::now() < spin_until) {
+      std::this_thread::yield();
+    }
+    std::unique_ptr<Op> op;
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      coll_cv.wait(lock, [this] { return stop || !coll_queue.empty() || !broken.empty(); });
+      if (!broken.empty() || (stop && coll_queue.empty())) return;
+      op = std::move(coll_queue.front());
+      coll_queue.pop_front();
+      ++taken;
+      op->start = Clock::now();
+      current = op.get();
+    }
+    const int rc = RunCollective(*op);
+    const double secs = std::chrono::duration<double>(Clock::now() - op->start).count();
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      current = nullptr;
+      if (left_in_mpi) {
+        left_in_mpi = false;
+        g_threads_left_in_mpi.fetch_sub(1);
+      }
+      if (!broken.empty()) {
+        // The watchdog failed it (and everything after it) while MPI had it.
+        abandoned.push_back(std::move(op));
+        done_cv.notify_all();
+        return;
+      }
+    }
+    op->work->Complete(rc == MPI_SUCCESS ? Status::OK()
+                                         : Status::Internal(std::string(KindName(op->kind)) + " '" + op->label +
+                                                            "': " + MpiError(rc)),
+                       secs);
+    std::lock_guard<std::mutex> lock(mu);
+    if (stop) done_cv.notify_all();
+  }
+}
+
+// Sends and receives: non-blocking, polled, each with its own deadline. It
+// spins while a transfer is in flight and sleeps when idle.
+void MpiCollective::Impl::P2pLoop() {
+  std::list<std::unique_ptr<Op>> in_flight;
+  auto last_progress = Clock::now();
+  int sleep_us = 1;
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      if (in_flight.empty()) {
+        p2p_cv.wait(lock, [this] { return stop || !p2p_queue.empty(); });
+        if (stop && p2p_queue.empty()) return;
+      }
+      if (!broken.empty()) {
+        const Status st = Status::Aborted("this collective is broken (" + broken + ")");
+        lock.unlock();
+        for (auto& op : in_flight) op->work->Complete(st, 0);  // requests left to MPI_Abort
+        return;
+      }
+      while (!p2p_queue.empty()) {
+        in_flight.push_back(std::move(p2p_queue.front()));
+        p2p_queue.pop_front();
+        Op& op = *in_flight.back();
+        op.start = Clock::now();
+        void* buf = op.buffer.data_ptr();
+        const int rc = op.kind == Kind::kSend
+                           ? MPI_Isend(buf, op.count, op.dtype, op.peer, op.tag, p2p_comm, &op.request)
+                           : MPI_Irecv(buf, op.count, op.dtype, op.peer, op.tag, p2p_comm, &op.request);
+        if (rc != MPI_SUCCESS) {
+          op.work->Complete(Status::Internal(std::string(KindName(op.kind)) + " '" + op.label + "': " + MpiError(rc)), 0);
+          in_flight.pop_back();
+        } else if (op.kind == Kind::kSend) {
+          bytes_sent += op.count;
+        }
+      }
+    }
+    bool progress = false;
+    const auto now = Clock::now();
+    for (auto it = in_flight.begin(); it != in_flight.end();) {
+      Op& op = **it;
+      int flag = 0;
+      const int rc = MPI_Test(&op.request, &flag, MPI_STATUS_IGNORE);
+      const double secs = std::chrono::duration<double>(now - op.start).count();
+      if (rc != MPI_SUCCESS || flag) {
+        op.work->Complete(rc == MPI_SUCCESS ? Status::OK()
+                                            : Status::Internal(std::string(KindName(op.kind)) + " '" + op.label +
+                                                               "': " + MpiError(rc)),
+                          secs);
+        it = in_flight.erase(it);
+        progress = true;
+        continue;
+      }
+      if (now - op.start > op.timeout) {
+        const std::string report = StallReport(op);
+        spdlog::error("point-to-point timeout: {}", report);
+        op.work->Complete(Status::DeadlineExceeded(report), secs);
+        {
+          std::lock_guard<std::mutex> lock(mu);
+          if (broken.empty()) broken = "timed out: " + report;
+          coll_cv.notify_all();
+          watchdog_cv.notify_all();
+          done_cv.notify_all();
+        }
+        // The request stays with MPI (the process is expected to Abort());
+        // its buffer is kept alive.
+        std::lock_guard<std::mutex> lock(mu);
+        abandoned.push_back(std::move(*it));
+        it = in_flight.erase(it);
+        continue;
+      }
+      ++it;
+    }
+    if (progress) {
+      last_progress = now;
+      sleep_us = 1;
+    } else if (now - last_progress > std::chrono::microseconds(options.spin_us)) {
+      std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
+      sleep_us = std::min(sleep_us * 2, std::max(options.max_sleep_us, 1));
+    }
+  }
+}
+
+void MpiCollective::Impl::Announce(int64_t seq) {
   // Tell every peer "rank `rank` is waiting in collective #seq".
-  announce_out.assign(static_cast<size_t>(size), op.seq);
+  announce_out.assign(static_cast<size_t>(size), seq);
   for (int r = 0; r < size; ++r) {
     if (r == rank) continue;
     MPI_Request req;
     if (MPI_Isend(&announce_out[static_cast<size_t>(r)], 1, MPI_INT64_T, r, 0, inspector, &req) == MPI_SUCCESS) {
-      announce_requests.push_back(req);
+      MPI_Request_free(&req);  // a few bytes, sent eagerly
     }
   }
 }
@@ -365,6 +511,59 @@ void MpiCollective::Impl::PollAnnouncements() {
       peer_waiting[static_cast<size_t>(src)] = std::max(peer_waiting[static_cast<size_t>(src)], announce_buf);
     }
     MPI_Irecv(&announce_buf, 1, MPI_INT64_T, MPI_ANY_SOURCE, 0, inspector, &announce_recv);
+  }
+}
+
+// The stall inspector: looks at the running collective every `tick` (a
+// twentieth of the default timeout, at most 100 ms), so that starting a
+// collective costs no wake-up of this thread.
+void MpiCollective::Impl::WatchdogLoop() {
+  const auto tick = std::min<Clock::duration>(std::chrono::milliseconds(100), options.timeout / 20);
+  std::unique_lock<std::mutex> lock(mu);
+  const Op* announced_for = nullptr;
+  while (broken.empty() && !(stop && current == nullptr && coll_queue.empty())) {
+    Op* op = current;
+    const auto now = Clock::now();
+    if (op != nullptr) {
+      const auto announce_at =
+          op->start + std::chrono::duration_cast<Clock::duration>(op->timeout * options.stall_fraction);
+      if (now >= op->start + op->timeout) {
+        // Deadline: who had announced? Then fail it and everything queued.
+        lock.unlock();
+        PollAnnouncements();
+        lock.lock();
+        if (current == op && broken.empty()) {
+          const std::string report = StallReport(*op);
+          spdlog::error("collective timeout: {}", report);
+          broken = "timed out: " + report;
+          op->work->Complete(Status::DeadlineExceeded(report),
+                             std::chrono::duration<double>(now - op->start).count());
+          const Status st = Status::Aborted("this collective is broken (" + broken + ")");
+          for (auto& q : coll_queue) q->work->Complete(st, 0);
+          for (auto& q : coll_queue) abandoned.push_back(std::move(q));
+          coll_queue.clear();
+          coll_cv.notify_all();
+          p2p_cv.notify_all();
+          done_cv.notify_all();
+          return;
+        }
+        continue;
+      }
+      if (announced_for != op && size > 1 && now >= announce_at) {
+        const int64_t seq = op->seq;
+        announced_for = op;
+        lock.unlock();
+        Announce(seq);
+        lock.lock();
+      }
+    }
+    if (size > 1) {
+      lock.unlock();
+      PollAnnouncements();
+      lock.lock();
+    }
+    watchdog_cv.wait_for(lock, tick,
+                         [this] { return !broken.empty() || (stop && current == nullptr && coll_queue.empty()); });
   }
 }
 
@@ -396,98 +595,6 @@ std::string MpiCollective::Impl::StallReport(const Op& op) const {
     msg += "rank(s) " + missing + " had not arrived; rank(s) " + arrived + " were waiting in it";
   }
   return msg;
-}
-
-void MpiCollective::Impl::FailAll(const std::string& why) {
-  std::deque<std::unique_ptr<Op>> queued;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (broken.empty()) broken = why;
-    queued.swap(queue);
-  }
-  const Status st = Status::Aborted("this collective is broken (" + why + ")");
-  for (auto& op : in_flight) op->work->Complete(st, 0);
-  for (auto& op : queued) op->work->Complete(st, 0);
-  // The requests cannot be cancelled portably; they are abandoned (the
-  // process is expected to Abort()), their buffers kept alive.
-  abandoned.splice(abandoned.end(), in_flight);
-}
-
-void MpiCollective::Impl::Loop() {
-  auto last_progress = Clock::now();
-  int sleep_us = 10;
-  while (true) {
-    {
-      std::unique_lock<std::mutex> lock(mu);
-      if (in_flight.empty()) {
-        cv.wait(lock, [this] { return stop || !queue.empty(); });
-        if (stop && queue.empty()) break;
-      }
-      while (!queue.empty()) {
-        in_flight.push_back(std::move(queue.front()));
-        queue.pop_front();
-        in_flight.back()->start = Clock::time_point{};
-      }
-    }
-    bool progress = false;
-    std::unique_lock<std::mutex> mpi_lock(MpiCallMutex());
-    for (auto& op : in_flight) {
-      if (op->start == Clock::time_point{}) {
-        Start(*op);
-        progress = true;
-      }
-    }
-    for (auto it = in_flight.begin(); it != in_flight.end();) {
-      Op& op = **it;
-      if (op.work->IsCompleted()) {  // failed to start
-        it = in_flight.erase(it);
-        continue;
-      }
-      int flag = 0;
-      const int rc = MPI_Test(&op.request, &flag, MPI_STATUS_IGNORE);
-      const auto now = Clock::now();
-      const double secs = std::chrono::duration<double>(now - op.start).count();
-      if (rc != MPI_SUCCESS) {
-        op.work->Complete(Status::Internal(std::string(KindName(op.kind)) + " '" + op.label + "': " + MpiError(rc)),
-                          secs);
-        it = in_flight.erase(it);
-        progress = true;
-        continue;
-      }
-      if (flag) {
-        op.work->Complete(Status::OK(), secs);
-        it = in_flight.erase(it);
-        progress = true;
-        continue;
-      }
-      if (IsCollective(op.kind) && !op.announced && size > 1 &&
-          now - op.start > std::chrono::duration<double>(op.timeout) * options.stall_fraction) {
-        op.announced = true;
-        Announce(op);
-      }
-      ++it;
-    }
-    PollAnnouncements();
-    // Deadlines, checked after the announcements arrived.
-    const auto now = Clock::now();
-    for (auto& op : in_flight) {
-      if (now - op->start > op->timeout) {
-        const std::string report = StallReport(*op);
-        spdlog::error("collective timeout: {}", report);
-        op->work->Complete(Status::DeadlineExceeded(report), std::chrono::duration<double>(now - op->start).count());
-        FailAll("timed out: " + report);
-        break;
-      }
-    }
-    mpi_lock.unlock();
-    if (progress) {
-      last_progress = now;
-      sleep_us = 10;
-    } else if (!in_flight.empty() && now - last_progress > std::chrono::microseconds(options.spin_us)) {
-      std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
-      sleep_us = std::min(sleep_us * 2, std::max(options.max_sleep_us, 1));
-    }
-  }
 }
 
 namespace {
@@ -537,7 +644,6 @@ Status MpiCollective::CreateSplit(const MpiCollectiveOptions& options, int color
   if (options.timeout.count() <= 0) return Status::InvalidArgument("MpiCollective: timeout must be > 0");
   auto impl = std::make_unique<Impl>();
   impl->options = options;
-  std::unique_lock<std::mutex> mpi_lock(MpiCallMutex());
   int world_rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
   int rc = MPI_Comm_split(MPI_COMM_WORLD, color, world_rank, &impl->comm);
@@ -551,41 +657,51 @@ Status MpiCollective::CreateSplit(const MpiCollectiveOptions& options, int color
   MPI_Comm_size(impl->comm, &impl->size);
   impl->peer_waiting.assign(static_cast<size_t>(impl->size), -1);
   MPI_Irecv(&impl->announce_buf, 1, MPI_INT64_T, MPI_ANY_SOURCE, 0, impl->inspector, &impl->announce_recv);
-  mpi_lock.unlock();
   Impl* raw = impl.get();
-  impl->thread = std::thread([raw] { raw->Loop(); });
+  impl->coll_thread = std::thread([raw] { raw->CollectiveLoop(); });
+  impl->p2p_thread = std::thread([raw] { raw->P2pLoop(); });
+  impl->watchdog_thread = std::thread([raw] { raw->WatchdogLoop(); });
   out->reset(new MpiCollective(std::move(impl)));
   return Status::OK();
 }
 
 MpiCollective::~MpiCollective() {
-  {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    impl_->stop = true;
-  }
-  impl_->cv.notify_all();
-  if (impl_->thread.joinable()) impl_->thread.join();
+  Impl& m = *impl_;
   bool broken = false;
   {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    broken = !impl_->broken.empty();
+    // Queued collectives still run (the peers expect them); wait until they
+    // are done or the watchdog has given up on one.
+    std::unique_lock<std::mutex> lock(m.mu);
+    m.stop = true;
+    m.coll_cv.notify_all();
+    m.p2p_cv.notify_all();
+    m.done_cv.wait(lock, [&] { return !m.broken.empty() || (m.coll_queue.empty() && m.current == nullptr); });
+    broken = !m.broken.empty();
+    if (broken && m.current != nullptr) {
+      m.left_in_mpi = true;
+      g_threads_left_in_mpi.fetch_add(1);
+    }
+    m.watchdog_cv.notify_all();
   }
-  if (!MpiRuntime::initialized() || broken) {
-    // Peers' state unknown: MPI may still use the abandoned buffers.
+  if (m.watchdog_thread.joinable()) m.watchdog_thread.join();
+  if (m.p2p_thread.joinable()) m.p2p_thread.join();
+  if (broken) {
+    // The collective thread may be inside MPI for good, and MPI may still
+    // write into the abandoned buffers: leave both (the process is expected
+    // to end with Abort()).
+    if (m.coll_thread.joinable()) m.coll_thread.detach();
     (void)impl_.release();
     return;
   }
-  std::lock_guard<std::mutex> mpi_lock(MpiCallMutex());
-  if (impl_->announce_recv != MPI_REQUEST_NULL) {
-    MPI_Cancel(&impl_->announce_recv);
-    MPI_Wait(&impl_->announce_recv, MPI_STATUS_IGNORE);
+  if (m.coll_thread.joinable()) m.coll_thread.join();
+  if (!MpiRuntime::initialized()) return;
+  if (m.announce_recv != MPI_REQUEST_NULL) {
+    MPI_Cancel(&m.announce_recv);
+    MPI_Wait(&m.announce_recv, MPI_STATUS_IGNORE);
   }
-  for (MPI_Request& r : impl_->announce_requests) {
-    if (r != MPI_REQUEST_NULL) MPI_Request_free(&r);
-  }
-  MPI_Comm_free(&impl_->inspector);
-  MPI_Comm_free(&impl_->p2p_comm);
-  MPI_Comm_free(&impl_->comm);
+  MPI_Comm_free(&m.inspector);
+  MPI_Comm_free(&m.p2p_comm);
+  MPI_Comm_free(&m.comm);
 }
 
 int MpiCollective::rank() const { return impl_->rank; }

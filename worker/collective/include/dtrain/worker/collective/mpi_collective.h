@@ -1,19 +1,26 @@
 // The Open MPI backend of Collective, and the process's MPI runtime.
 //
-// Threading: MPI is initialised with MPI_THREAD_SERIALIZED. After Init, one
-// communication thread per MpiCollective makes every MPI call (the owner
-// thread of the subsystem, fed by a queue); callers only enqueue. That thread
-// starts non-blocking operations (MPI_Iallreduce, MPI_Ibcast, MPI_Iallgather,
-// MPI_Ibarrier, MPI_Isend/MPI_Irecv) in issue order and drives them with
-// MPI_Test: it spins for up to `spin_us` after the last progress, then sleeps
-// in growing steps (up to `max_sleep_us`), so that a rank waiting for a slow
-// peer does not take a core from the ranks still computing (this machine runs
-// several ranks per core).
+// Threading: MPI is initialised with MPI_THREAD_MULTIPLE. Callers only
+// enqueue; each MpiCollective owns three threads (owners fed by queues):
+//   - the collective thread runs the collectives one by one in issue order
+//     with Open MPI's blocking calls (MPI_Allreduce, MPI_Bcast, MPI_Allgather,
+//     MPI_Barrier), whose tuned algorithms are 1.5-10x faster here than the
+//     non-blocking ones (docs/benchmarks.md); while it is inside MPI the
+//     caller computes on (that is the overlap);
+//   - the point-to-point thread starts MPI_Isend/MPI_Irecv at once (so a send
+//     never waits behind a collective) and polls them with MPI_Test, spinning
+//     for up to `spin_us` after the last progress, then sleeping in growing
+//     steps up to `max_sleep_us`;
+//   - the watchdog thread sleeps until the running collective's announce time
+//     or deadline (the stall inspector below).
 //
-// Stall inspector: when an operation has waited for stall_fraction x its
-// timeout, this rank tells every other rank (on a private communicator) that
-// it is waiting in collective #n. At the timeout, the ranks that said so had
-// arrived; the others had not, and the error names them.
+// Stall inspector: when a collective has run for stall_fraction x its
+// timeout, the watchdog tells every other rank (on a private communicator)
+// that this rank is waiting in collective #n. At the deadline, the ranks that
+// said so had arrived; the others had not, and the DeadlineExceeded error
+// names them. The collective is then broken: the operation stays with MPI
+// (its buffers are kept alive, the thread is left inside MPI), every later
+// operation fails at once, and the process should end with Abort().
 //
 // Tensors: CPU tensors of float32/64, bfloat16, float16, int32/64, uint8.
 // CUDA tensors are staged through host memory (a copy each way), which makes
@@ -54,8 +61,8 @@ struct MpiCollectiveOptions {
   // Announce "waiting" to the peers after this fraction of the timeout.
   // Default: 0.5.
   double stall_fraction = 0.5;
-  // Busy-poll for this long after the last progress before sleeping.
-  // Default: 1000 us.
+  // Point-to-point: busy-poll for this long after the last progress before
+  // sleeping. Default: 1000 us.
   int spin_us = 1000;
   // Longest sleep between polls. Default: 200 us.
   int max_sleep_us = 200;
