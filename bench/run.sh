@@ -2,7 +2,7 @@
 # Runs the benchmarks named on the command line (default: all), each printing
 # its table and writing bench/results/<name>.json. Build first (launch/build.sh).
 #
-#   bench/run.sh [data_pipeline] [build_time]
+#   bench/run.sh [data_pipeline] [build_time] [allreduce] [scaling] ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/results
@@ -13,6 +13,12 @@ for n in "${names[@]}"; do
   case "$n" in
     build_time) bash bench/build_time.sh ;;
     quality) bash bench/quality.sh ;;
+    scaling) bash bench/scaling.sh ;;
+    allreduce)
+      for np in 2 4; do
+        OMP_NUM_THREADS=1 bash launch/mpirun.sh -n "$np" -- build/bin/bench_allreduce --out "bench/results/allreduce_np$np.json"
+      done
+      ;;
     trainer_overhead | checkpoint) "build/bin/bench_$n" --out "bench/results/$n.json" ;;
     *)
       bin="build/bin/bench_$n"

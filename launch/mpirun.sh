@@ -3,13 +3,21 @@
 # a small machine need. `dtrain run` uses it for jobs of several workers
 # (launch.workers > 1, or launcher: MPIRUN); use it directly for cluster jobs:
 #
-#   launch/mpirun.sh -n 4 [--hostfile hosts.txt] [--oversubscribe] [--mpi-arg ARG]... -- \
+#   launch/mpirun.sh -n 4 [--hostfile hosts.txt] [--oversubscribe] [--bind-to none|core] [--mpi-arg ARG]... -- \
 #       build/bin/dtrain-worker --config configs/sync_arcface.textproto
 #
 # What it adds to mpirun:
 #   --allow-run-as-root        when run as root (containers)
 #   --bind-to none             ranks are not pinned to cores: each rank sizes
-#                              its own thread pool (cores / ranks on the node)
+#                              its own thread pool (cores / ranks on the node),
+#                              and a container's cgroup may not match the cores
+#                              hwloc sees. Exception (unless --bind-to is
+#                              given): without a hostfile and with exactly one
+#                              rank per core (one thread each), each rank is
+#                              bound to its core (--bind-to core), which kept
+#                              the ranks' helper threads off each other's core
+#                              and measured 5-10% faster on 2 cores
+#                              (docs/benchmarks.md)
 #   --host localhost:N         without a hostfile: N slots on this machine,
 #                              whatever the core count (mpirun would otherwise
 #                              count physical cores and refuse more ranks)
@@ -32,12 +40,13 @@ usage() {
   exit "${1:-2}"
 }
 
-np="" hostfile="" oversubscribe=0 extra=()
+np="" hostfile="" oversubscribe=0 bind="" extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -n|-np) np="${2:?-n needs a number}"; shift 2 ;;
     --hostfile) hostfile="${2:?--hostfile needs a file}"; shift 2 ;;
     --oversubscribe) oversubscribe=1; shift ;;
+    --bind-to) bind="${2:?--bind-to needs none or core}"; shift 2 ;;
     --mpi-arg) extra+=("${2:?--mpi-arg needs a value}"); shift 2 ;;
     -h|--help) usage 0 ;;
     --) shift; break ;;
@@ -49,7 +58,11 @@ done
 MPIRUN="${DTRAIN_MPIRUN:-mpirun}"
 command -v "$MPIRUN" >/dev/null || { echo "launch/mpirun.sh: $MPIRUN not found (launch/install-deps.sh installs openmpi-bin)" >&2; exit 2; }
 
-args=(-np "$np" --bind-to none --mca btl_vader_single_copy_mechanism none)
+if [[ -z "$bind" ]]; then
+  bind=none
+  [[ -z "$hostfile" && "$np" -gt 1 && "$np" -eq "$(nproc)" ]] && bind=core
+fi
+args=(-np "$np" --bind-to "$bind" --mca btl_vader_single_copy_mechanism none)
 [[ $(id -u) -eq 0 ]] && args+=(--allow-run-as-root)
 if [[ -n "$hostfile" ]]; then
   [[ -r "$hostfile" ]] || { echo "launch/mpirun.sh: hostfile $hostfile not readable" >&2; exit 2; }

@@ -816,40 +816,47 @@ std::shared_ptr<Work> MpiCollective::Barrier(OpOptions options) {
   return impl_->Enqueue(std::move(op));
 }
 
-std::shared_ptr<Work> MpiCollective::Send(at::Tensor tensor, int dst, int tag, OpOptions options) {
-  if (Status st = CheckTensor(tensor, "send"); !st.ok()) return Failed(st);
-  if (dst < 0 || dst >= impl_->size || dst == impl_->rank) {
-    return Failed(Status::InvalidArgument("send: bad destination rank " + std::to_string(dst)));
+namespace {
+
+// The parts of a Send or Recv both share: checks, then the Op.
+Status PeerOp(Kind kind, const at::Tensor& tensor, int peer, int tag, const OpOptions& options, int rank, int size,
+              std::unique_ptr<Op>* out) {
+  const char* what = KindName(kind);
+  DTRAIN_RETURN_IF_ERROR(CheckTensor(tensor, what));
+  if (peer < 0 || peer >= size || peer == rank) {
+    return Status::InvalidArgument(std::string(what) + ": bad " + (kind == Kind::kSend ? "destination" : "source") +
+                                   " rank " + std::to_string(peer));
   }
-  if (tag < 0) return Failed(Status::InvalidArgument("send: tag must be >= 0"));
+  if (tag < 0) return Status::InvalidArgument(std::string(what) + ": tag must be >= 0");
   auto op = std::make_unique<Op>();
-  op->kind = Kind::kSend;
+  op->kind = kind;
   op->label = options.label;
   op->timeout = options.timeout;
-  op->peer = dst;
+  op->peer = peer;
   op->tag = tag;
-  op->buffer = HostBuffer(tensor, true);
+  op->buffer = HostBuffer(tensor, /*copy_contents=*/kind == Kind::kSend);
   op->dtype = MPI_BYTE;
   op->count = static_cast<int>(tensor.numel() * tensor.element_size());
+  *out = std::move(op);
+  return Status::OK();
+}
+
+}  // namespace
+
+std::shared_ptr<Work> MpiCollective::Send(at::Tensor tensor, int dst, int tag, OpOptions options) {
+  std::unique_ptr<Op> op;
+  if (Status st = PeerOp(Kind::kSend, tensor, dst, tag, options, impl_->rank, impl_->size, &op); !st.ok()) {
+    return Failed(st);
+  }
   return impl_->Enqueue(std::move(op));
 }
 
 std::shared_ptr<Work> MpiCollective::Recv(at::Tensor tensor, int src, int tag, OpOptions options) {
-  if (Status st = CheckTensor(tensor, "recv"); !st.ok()) return Failed(st);
-  if (src < 0 || src >= impl_->size || src == impl_->rank) {
-    return Failed(Status::InvalidArgument("recv: bad source rank " + std::to_string(src)));
+  std::unique_ptr<Op> op;
+  if (Status st = PeerOp(Kind::kRecv, tensor, src, tag, options, impl_->rank, impl_->size, &op); !st.ok()) {
+    return Failed(st);
   }
-  if (tag < 0) return Failed(Status::InvalidArgument("recv: tag must be >= 0"));
-  auto op = std::make_unique<Op>();
-  op->kind = Kind::kRecv;
-  op->label = options.label;
-  op->timeout = options.timeout;
-  op->peer = src;
-  op->tag = tag;
-  at::Tensor buffer = HostBuffer(tensor, false);
-  op->buffer = buffer;
-  op->dtype = MPI_BYTE;
-  op->count = static_cast<int>(tensor.numel() * tensor.element_size());
+  at::Tensor buffer = op->buffer;
   auto work = impl_->Enqueue(std::move(op));
   if (!buffer.is_same(tensor)) {
     static_cast<WorkImpl*>(work.get())->set_finish([tensor, buffer]() mutable {
