@@ -355,6 +355,14 @@ void SyncStrategy::AddStepMetrics(MetricsLog::Record* record) {
 }
 
 Status SyncStrategy::Finish() {
+  const Totals& t = impl_->totals;
+  if (t.steps > 0) {
+    spdlog::info("sync: {} step(s): all-reduce {:.2f} ms/step, blocked {:.2f} ms/step; {} of {} bucket(s) launched "
+                 "during backward",
+                 t.steps, 1e3 * t.comm_seconds / static_cast<double>(t.steps),
+                 1e3 * t.wait_seconds / static_cast<double>(t.steps), t.buckets_launched_in_backward,
+                 t.buckets_launched);
+  }
   OpOptions o;
   o.label = "end of training";
   return impl_->coll->Barrier(o)->Wait();
