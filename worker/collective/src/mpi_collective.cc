@@ -630,6 +630,26 @@ at::Tensor HostBuffer(const at::Tensor& t, bool copy_contents) {
   return copy_contents ? t.to(at::kCPU) : at::empty(t.sizes(), t.options().device(at::kCPU));
 }
 
+std::unique_ptr<Op> NewOp(Kind kind, const OpOptions& options) {
+  auto op = std::make_unique<Op>();
+  op->kind = kind;
+  op->label = options.label;
+  op->timeout = options.timeout;
+  return op;
+}
+
+// When `staging` is a host copy of `target` (a CUDA tensor), copies it back
+// once the operation has completed.
+std::shared_ptr<Work> CopyBackWhenDone(std::shared_ptr<Work> work, at::Tensor target, at::Tensor staging) {
+  if (!staging.is_same(target)) {
+    static_cast<WorkImpl*>(work.get())->set_finish([target, staging]() mutable {
+      torch::NoGradGuard no_grad;
+      target.copy_(staging);
+    });
+  }
+  return work;
+}
+
 }  // namespace
 
 MpiCollective::MpiCollective(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -719,10 +739,7 @@ std::shared_ptr<Work> MpiCollective::AllReduce(at::Tensor tensor, ReduceOp reduc
       tensor.scalar_type() != at::kDouble) {
     return Failed(Status::InvalidArgument("allreduce: fp16/bf16 wire compression needs a float32/64 tensor"));
   }
-  auto op = std::make_unique<Op>();
-  op->kind = Kind::kAllReduce;
-  op->label = options.label;
-  op->timeout = options.timeout;
+  auto op = NewOp(Kind::kAllReduce, options);
   // The buffer MPI reduces: the tensor itself, a host copy, or a 16-bit copy.
   at::Tensor buffer;
   if (options.wire == WireType::kFp16) {
@@ -763,23 +780,13 @@ std::shared_ptr<Work> MpiCollective::AllReduce(at::Tensor tensor, ReduceOp reduc
 std::shared_ptr<Work> MpiCollective::Broadcast(at::Tensor tensor, int root, OpOptions options) {
   if (Status st = CheckTensor(tensor, "broadcast"); !st.ok()) return Failed(st);
   if (root < 0 || root >= impl_->size) return Failed(Status::InvalidArgument("broadcast: root out of range"));
-  auto op = std::make_unique<Op>();
-  op->kind = Kind::kBroadcast;
-  op->label = options.label;
-  op->timeout = options.timeout;
+  auto op = NewOp(Kind::kBroadcast, options);
   op->root = root;
   at::Tensor buffer = HostBuffer(tensor, /*copy_contents=*/impl_->rank == root);
   op->buffer = buffer;
   op->dtype = MPI_BYTE;
   op->count = static_cast<int>(buffer.numel() * buffer.element_size());
-  auto work = impl_->Enqueue(std::move(op));
-  if (!buffer.is_same(tensor)) {
-    static_cast<WorkImpl*>(work.get())->set_finish([tensor, buffer]() mutable {
-      torch::NoGradGuard no_grad;
-      tensor.copy_(buffer);
-    });
-  }
-  return work;
+  return CopyBackWhenDone(impl_->Enqueue(std::move(op)), tensor, buffer);
 }
 
 std::shared_ptr<Work> MpiCollective::AllGather(at::Tensor output, at::Tensor input, OpOptions options) {
@@ -789,31 +796,17 @@ std::shared_ptr<Work> MpiCollective::AllGather(at::Tensor output, at::Tensor inp
     return Failed(Status::InvalidArgument("allgather: output must have size() x input.numel() elements of the "
                                           "input's dtype"));
   }
-  auto op = std::make_unique<Op>();
-  op->kind = Kind::kAllGather;
-  op->label = options.label;
-  op->timeout = options.timeout;
+  auto op = NewOp(Kind::kAllGather, options);
   op->buffer = HostBuffer(input, true);
   at::Tensor out_buffer = HostBuffer(output, false);
   op->output = out_buffer;
   op->dtype = MPI_BYTE;
   op->count = static_cast<int>(input.numel() * input.element_size());
-  auto work = impl_->Enqueue(std::move(op));
-  if (!out_buffer.is_same(output)) {
-    static_cast<WorkImpl*>(work.get())->set_finish([output, out_buffer]() mutable {
-      torch::NoGradGuard no_grad;
-      output.copy_(out_buffer);
-    });
-  }
-  return work;
+  return CopyBackWhenDone(impl_->Enqueue(std::move(op)), output, out_buffer);
 }
 
 std::shared_ptr<Work> MpiCollective::Barrier(OpOptions options) {
-  auto op = std::make_unique<Op>();
-  op->kind = Kind::kBarrier;
-  op->label = options.label;
-  op->timeout = options.timeout;
-  return impl_->Enqueue(std::move(op));
+  return impl_->Enqueue(NewOp(Kind::kBarrier, options));
 }
 
 namespace {
@@ -828,10 +821,7 @@ Status PeerOp(Kind kind, const at::Tensor& tensor, int peer, int tag, const OpOp
                                    " rank " + std::to_string(peer));
   }
   if (tag < 0) return Status::InvalidArgument(std::string(what) + ": tag must be >= 0");
-  auto op = std::make_unique<Op>();
-  op->kind = kind;
-  op->label = options.label;
-  op->timeout = options.timeout;
+  auto op = NewOp(kind, options);
   op->peer = peer;
   op->tag = tag;
   op->buffer = HostBuffer(tensor, /*copy_contents=*/kind == Kind::kSend);
@@ -857,14 +847,7 @@ std::shared_ptr<Work> MpiCollective::Recv(at::Tensor tensor, int src, int tag, O
     return Failed(st);
   }
   at::Tensor buffer = op->buffer;
-  auto work = impl_->Enqueue(std::move(op));
-  if (!buffer.is_same(tensor)) {
-    static_cast<WorkImpl*>(work.get())->set_finish([tensor, buffer]() mutable {
-      torch::NoGradGuard no_grad;
-      tensor.copy_(buffer);
-    });
-  }
-  return work;
+  return CopyBackWhenDone(impl_->Enqueue(std::move(op)), tensor, buffer);
 }
 
 }  // namespace dtrain::collective
