@@ -64,7 +64,7 @@ const char* OptimizerName(OptimizerConfig::Kind k) { return k == OptimizerConfig
 }  // namespace
 
 Status TensorToRecord(const std::string& name, const torch::Tensor& tensor, TensorRecord* out) {
-  DType dtype;
+  DType dtype = DType::kFloat32;  // set by ToDType on success
   DTRAIN_RETURN_IF_ERROR(ToDType(tensor.scalar_type(), &dtype).WithContext("tensor '" + name + "'"));
   const torch::Tensor t = tensor.detach().to(torch::kCPU).contiguous();
   out->name = name;

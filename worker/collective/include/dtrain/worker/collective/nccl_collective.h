@@ -1,7 +1,7 @@
 // The NCCL backend of Collective: CUDA tensors, one GPU per rank.
 //
 // Built when CMake finds NCCL and LibTorch has CUDA (DTRAIN_HAVE_NCCL); in
-// other builds Create() returns Unimplemented. Its tests skip at run time
+// other builds CreateNcclCollective() returns FailedPrecondition. Its test skips at run time
 // without a GPU.
 //
 // Bootstrap: rank 0 makes the ncclUniqueId and broadcasts it over `bootstrap`
