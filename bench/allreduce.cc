@@ -41,14 +41,11 @@ int main(int argc, char** argv) {
   app.add_option("--out", out, "JSON file (default bench/results/allreduce_np<N>.json)");
   app.add_option("--max-mb", max_mb, "largest message in MB (default 64)");
   app.add_option("--rounds", rounds, "alternating rounds per size; the median is reported (default 9)");
-  MpiCollectiveOptions co;
-  app.add_option("--spin-us", co.spin_us, "MpiCollectiveOptions::spin_us");
-  app.add_option("--max-sleep-us", co.max_sleep_us, "MpiCollectiveOptions::max_sleep_us");
   CLI11_PARSE(app, argc, argv);
   torch::set_num_threads(1);
   if (!MpiRuntime::Init().ok()) return 1;
   std::unique_ptr<MpiCollective> coll;
-  if (!MpiCollective::Create(co, &coll).ok()) return 1;
+  if (!MpiCollective::Create({}, &coll).ok()) return 1;
   const int n = coll->size(), rank = coll->rank();
   if (out.empty()) out = "bench/results/allreduce_np" + std::to_string(n) + ".json";
   const double factor = n > 1 ? 2.0 * (n - 1) / n : 1.0;

@@ -33,7 +33,6 @@ struct Bucket {
   std::vector<bool> ready;      // per entry of params, this step
   size_t pending = 0;           // params not yet ready this step
   std::shared_ptr<Work> work;   // set once launched this step
-  Clock::time_point launched;
 };
 
 }  // namespace
@@ -83,7 +82,6 @@ struct SyncStrategy::Impl {
   std::vector<size_t> bucket_of;    // parameter -> bucket
   std::vector<size_t> slot_of;      // parameter -> position in its bucket
   size_t next_launch = 0;           // first bucket not launched this step
-  Status hook_error;                // first failure inside a hook this step
   std::mutex mu;                    // hooks may run on an autograd thread
 
   // Interval figures for metrics.jsonl (reset by AddStepMetrics).
@@ -102,7 +100,6 @@ struct SyncStrategy::Impl {
     OpOptions o;
     o.label = BucketLabel(b);
     o.wire = options.compression;
-    bucket.launched = Clock::now();
     bucket.work = coll->AllReduce(bucket.flat, grad_op(), o);
   }
   // Launches every complete bucket that is next in order. Caller holds mu.
@@ -113,7 +110,9 @@ struct SyncStrategy::Impl {
     std::lock_guard<std::mutex> lock(mu);
     Bucket& bucket = buckets[bucket_of[p]];
     const size_t slot = slot_of[p];
-    if (bucket.work) return;  // a second gradient for a launched bucket: reported in FinishGradients
+    // One backward gives each parameter one gradient; a bucket already
+    // launched is not written again.
+    if (bucket.work) return;
     torch::NoGradGuard no_grad;
     bucket.flat.narrow(0, bucket.offset[slot], grad.numel()).view_as(grad).copy_(grad);
     if (!bucket.ready[slot]) {
@@ -219,10 +218,11 @@ Status SyncStrategy::ComputeLoss(models::LossModuleImpl& loss, const torch::Tens
   OpOptions so;
   so.label = "global mining batch sizes";
   DTRAIN_RETURN_IF_ERROR(m.coll->AllGather(sizes, mine, so)->Wait());
+  const int64_t* size_of = sizes.data_ptr<int64_t>();
   for (int r = 0; r < world; ++r) {
-    if (sizes[r].item<int64_t>() != b) {
+    if (size_of[r] != b) {
       return Status::FailedPrecondition("global mining needs the same local batch on every rank; rank " +
-                                        std::to_string(r) + " has " + std::to_string(sizes[r].item<int64_t>()) +
+                                        std::to_string(r) + " has " + std::to_string(size_of[r]) +
                                         ", rank " + std::to_string(m.coll->rank()) + " has " + std::to_string(b));
     }
   }
