@@ -407,6 +407,8 @@ class Validator {
     AtLeast("index.hnsw_ef_search", x.hnsw_ef_search(), 1);
     AtLeast("index.ivf_nlist", x.ivf_nlist(), 1);
     if (x.ivf_nlist() >= 1) InRange("index.ivf_nprobe", x.ivf_nprobe(), 1, x.ivf_nlist());
+    AtLeast("index.gallery_limit", x.gallery_limit(), int64_t{0});
+    InRange("index.embed_batch_size", x.embed_batch_size(), 1, 1 << 16);
   }
 
   const JobConfig& c_;
@@ -584,6 +586,9 @@ void FillDefaults(JobConfig* config) {
   if (config->run_dir().empty() && !config->name().empty()) config->set_run_dir("runs/" + config->name());
   if (config->checkpoint().dir().empty() && !config->run_dir().empty()) {
     config->mutable_checkpoint()->set_dir(config->run_dir() + "/store");
+  }
+  if (config->index().output_dir().empty() && !config->run_dir().empty()) {
+    config->mutable_index()->set_output_dir(config->run_dir() + "/index");
   }
 }
 

@@ -23,27 +23,45 @@ int64_t RelevantCount(const std::unordered_map<int64_t, int64_t>& counts, int64_
 
 int64_t MaxRelevant(const std::vector<int64_t>& query_labels, const std::vector<int64_t>& reference_labels,
                     bool queries_in_reference) {
+  return MaxRelevant(query_labels, reference_labels, std::vector<bool>(query_labels.size(), queries_in_reference));
+}
+
+int64_t MaxRelevant(const std::vector<int64_t>& query_labels, const std::vector<int64_t>& reference_labels,
+                    const std::vector<bool>& self_in_reference) {
   const auto counts = CountLabels(reference_labels);
   int64_t r = 0;
-  for (int64_t l : query_labels) r = std::max(r, RelevantCount(counts, l, queries_in_reference));
+  for (size_t q = 0; q < query_labels.size(); ++q) {
+    const bool self = q < self_in_reference.size() && self_in_reference[q];
+    r = std::max(r, RelevantCount(counts, query_labels[q], self));
+  }
   return r;
 }
 
 Status ComputeRetrievalMetrics(const NeighborLists& neighbors, const std::vector<int64_t>& query_labels,
                                const std::vector<int64_t>& reference_labels, bool queries_in_reference,
                                const std::vector<int>& recall_ks, RetrievalMetrics* out) {
+  if (queries_in_reference && reference_labels.size() != query_labels.size()) {
+    return Status::InvalidArgument("retrieval metrics: leave-one-out needs the queries to be the reference set");
+  }
+  return ComputeRetrievalMetricsPerQuery(neighbors, query_labels, reference_labels,
+                                         std::vector<bool>(query_labels.size(), queries_in_reference), true,
+                                         recall_ks, out);
+}
+
+Status ComputeRetrievalMetricsPerQuery(const NeighborLists& neighbors, const std::vector<int64_t>& query_labels,
+                                       const std::vector<int64_t>& reference_labels,
+                                       const std::vector<bool>& self_in_reference, bool with_r_metrics,
+                                       const std::vector<int>& recall_ks, RetrievalMetrics* out) {
   const int64_t nq = neighbors.num_queries;
   const int64_t k = neighbors.k;
-  if (static_cast<int64_t>(query_labels.size()) != nq) {
+  if (static_cast<int64_t>(query_labels.size()) != nq || static_cast<int64_t>(self_in_reference.size()) != nq) {
     return Status::InvalidArgument("retrieval metrics: " + std::to_string(nq) + " neighbour lists but " +
-                                   std::to_string(query_labels.size()) + " query labels");
+                                   std::to_string(query_labels.size()) + " query labels and " +
+                                   std::to_string(self_in_reference.size()) + " self-in-reference flags");
   }
   if (static_cast<int64_t>(neighbors.ids.size()) != nq * k) {
     return Status::InvalidArgument("retrieval metrics: neighbour ids hold " + std::to_string(neighbors.ids.size()) +
                                    " entries, expected " + std::to_string(nq) + " x " + std::to_string(k));
-  }
-  if (queries_in_reference && reference_labels.size() != query_labels.size()) {
-    return Status::InvalidArgument("retrieval metrics: leave-one-out needs the queries to be the reference set");
   }
   for (int rk : recall_ks) {
     if (rk < 1 || rk > k) {
@@ -57,9 +75,9 @@ Status ComputeRetrievalMetrics(const NeighborLists& neighbors, const std::vector
   std::vector<double> recall_sum(recall_ks.size(), 0.0);
   for (int64_t q = 0; q < nq; ++q) {
     const int64_t label = query_labels[static_cast<size_t>(q)];
-    const int64_t r = RelevantCount(counts, label, queries_in_reference);
+    const int64_t r = RelevantCount(counts, label, self_in_reference[static_cast<size_t>(q)]);
     if (r <= 0) continue;
-    if (r > k) {
+    if (with_r_metrics && r > k) {
       return Status::InvalidArgument("retrieval metrics: query " + std::to_string(q) + " has R = " +
                                      std::to_string(r) + " relevant items but only k = " + std::to_string(k) +
                                      " neighbours were searched");
@@ -82,8 +100,10 @@ Status ComputeRetrievalMetrics(const NeighborLists& neighbors, const std::vector
         ap += static_cast<double>(hits) / static_cast<double>(i + 1);
       }
     }
-    m.r_precision += static_cast<double>(hits) / static_cast<double>(r);
-    m.map_at_r += ap / static_cast<double>(r);
+    if (with_r_metrics) {
+      m.r_precision += static_cast<double>(hits) / static_cast<double>(r);
+      m.map_at_r += ap / static_cast<double>(r);
+    }
     for (size_t j = 0; j < recall_ks.size(); ++j) {
       if (first_hit >= 0 && first_hit < recall_ks[j]) recall_sum[j] += 1.0;
     }

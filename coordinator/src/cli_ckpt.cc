@@ -8,7 +8,11 @@
 #include <memory>
 #include <string>
 
+#include <google/protobuf/text_format.h>
+
 #include "dtrain/checkpoint.pb.h"
+#include "dtrain/common/config.h"
+#include "dtrain/worker/trainer.h"
 #include "dtrain/common/checkpoint_store.h"
 #include "dtrain/coordinator/cli.h"
 #include "dtrain/worker/checkpointing.h"
@@ -121,6 +125,19 @@ Status Export(const CkptArgs& a) {
     ++count;
   }
   if (count == 0) return Status::NotFound("checkpoint " + std::to_string(data.step) + " holds no model tensors");
+  // The model config travels with the model (worker::SaveModel does the same)
+  // when the store sits in a run directory that has one.
+  const std::filesystem::path run_config = std::filesystem::path(a.path) / "config.textproto";
+  if (std::filesystem::exists(run_config)) {
+    JobConfig config;
+    DTRAIN_RETURN_IF_ERROR(LoadJobConfig(run_config.string(), {}, &config));
+    std::string text;
+    google::protobuf::TextFormat::PrintToString(config.model(), &text);
+    archive.write(worker::kModelConfigKey, c10::IValue(text));
+  } else {
+    std::fprintf(stderr, "warning: %s has no config.textproto: the exported model carries no model config\n",
+                 a.path.c_str());
+  }
   const std::string tmp = a.out + ".tmp";
   try {
     archive.save_to(tmp);

@@ -8,6 +8,7 @@
 #include "dtrain/common/config.h"
 #include "dtrain/common/metrics_log.h"
 #include "dtrain/coordinator/cli.h"
+#include "dtrain/coordinator/index_handoff.h"
 #include "dtrain/coordinator/mpirun_launcher.h"
 #include "dtrain/models/registry.h"
 #include "dtrain/worker/run_job.h"
@@ -31,6 +32,18 @@ struct EvalArgs {
   std::vector<std::string> overrides;
 };
 
+// The completion step (coordinator/index_handoff.h): the finished model goes
+// to the index builder when index.build_at_end is set.
+Status HandOff(const JobConfig& config, const RunArgs& a) {
+  if (!config.index().build_at_end()) return Status::OK();
+  std::unique_ptr<indexer::IndexBuilder> builder;
+  DTRAIN_RETURN_IF_ERROR(coordinator::MakeIndexBuilder(config, !a.no_progress, &builder));
+  IndexManifest manifest;
+  DTRAIN_RETURN_IF_ERROR(coordinator::HandOffToIndexer(config, *builder, &manifest));
+  std::printf("index: %s\n", indexer::DescribeManifest(manifest).c_str());
+  return Status::OK();
+}
+
 Status Run(const RunArgs& a) {
   std::vector<std::string> overrides = a.overrides;
   if (!a.run_dir.empty()) overrides.push_back("run_dir=" + a.run_dir);
@@ -46,13 +59,15 @@ Status Run(const RunArgs& a) {
     req.force = a.force;
     std::vector<std::string> argv;
     DTRAIN_RETURN_IF_ERROR(coordinator::BuildMpirunCommand(config, req, &argv));
-    return coordinator::RunAndWait(argv);
+    DTRAIN_RETURN_IF_ERROR(coordinator::RunAndWait(argv));
+    return HandOff(config, a);
   }
   worker::TrainerOptions options;
   options.progress = !a.no_progress;
   options.resume = a.resume;
   options.force_store = a.force;
-  return worker::RunJob(config, options, nullptr);
+  DTRAIN_RETURN_IF_ERROR(worker::RunJob(config, options, nullptr));
+  return HandOff(config, a);
 }
 
 // dtrain resume RUN_DIR: the run's resolved config (plus overrides, e.g. a

@@ -32,6 +32,8 @@ int main(int argc, char** argv) {
   int exit_code = 0;
   dtrain::cli::AddRunCommands(app, &exit_code);
   dtrain::cli::AddCkptCommands(app, &exit_code);
+  dtrain::cli::AddIndexCommands(app, &exit_code);
+  dtrain::cli::AddStatusCommand(app, &exit_code);
   dtrain::cli::AddConfigCommands(app, &exit_code);
   dtrain::cli::AddDataCommands(app, &exit_code);
   dtrain::cli::AddVersionCommand(app, &exit_code);

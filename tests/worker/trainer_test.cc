@@ -150,10 +150,16 @@ TEST_F(TrainerTest, LoadModelReportsMissingAndMismatchedFiles) {
   ModelConfig mc = SmokeConfig().model();
   mc.set_embedding_dim(16);
   ASSERT_TRUE(models::BuildEmbedder(mc, &other).ok());
-  ASSERT_TRUE(SaveModel(*other, (dir_ / "other.pt").string()).ok());
+  ASSERT_TRUE(SaveModel(*other, mc, (dir_ / "other.pt").string()).ok());
   Status st = LoadModel((dir_ / "other.pt").string(), *model);
   EXPECT_EQ(st.code(), Status::Code::kCorruption);
   EXPECT_THAT(st.message(), HasSubstr("other.pt"));
+  // The file carries its model config, so it alone rebuilds the embedder.
+  ModelConfig read;
+  ASSERT_TRUE(ReadModelConfig((dir_ / "other.pt").string(), &read).ok());
+  EXPECT_EQ(read.embedding_dim(), 16);
+  EXPECT_EQ(read.SerializeAsString(), mc.SerializeAsString());
+  EXPECT_EQ(ReadModelConfig((dir_ / "none.pt").string(), &read).code(), Status::Code::kNotFound);
 }
 
 }  // namespace

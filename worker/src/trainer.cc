@@ -12,7 +12,11 @@
 #include <optional>
 #include <nlohmann/json.hpp>
 #include <thread>
+#include <unordered_map>
 
+#include <google/protobuf/text_format.h>
+
+#include "dtrain/common/checkpoint_store.h"
 #include "dtrain/common/config.h"
 #include "dtrain/common/metrics_log.h"
 #include "dtrain/common/progress.h"
@@ -520,7 +524,7 @@ Status Trainer::Run(TrainResult* result) {
   }
   if (strategy.is_chief()) {
     if (m.options.write_outputs) {
-      DTRAIN_RETURN_IF_ERROR(SaveModel(*m.model, cfg.run_dir() + "/model.pt"));
+      DTRAIN_RETURN_IF_ERROR(SaveModel(*m.model, cfg.model(), cfg.run_dir() + "/model.pt"));
     }
     if (m.options.evaluate && cfg.eval().at_end()) {
       DTRAIN_RETURN_IF_ERROR(EvaluateOnTestSplit(cfg, *m.model, &r.model_metrics, &r.raw_pixel_metrics));
@@ -612,12 +616,15 @@ std::string Shape(const torch::Tensor& t) {
 
 }  // namespace
 
-Status SaveModel(models::EmbedderImpl& model, const std::string& path) {
+Status SaveModel(models::EmbedderImpl& model, const ModelConfig& config, const std::string& path) {
   return Guard("saving the model", [&]() -> Status {
     std::error_code ec;
     std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
     torch::serialize::OutputArchive archive;
     for (const auto& [name, t] : NamedTensors(model)) archive.write(name, t);
+    std::string text;
+    if (!google::protobuf::TextFormat::PrintToString(config, &text)) return Status::Internal("cannot print the model config");
+    archive.write(kModelConfigKey, c10::IValue(text));
     const std::string tmp = path + ".tmp";
     archive.save_to(tmp);
     std::filesystem::rename(tmp, path, ec);
@@ -656,6 +663,62 @@ Status LoadModel(const std::string& path, models::EmbedderImpl& model) {
   }
   torch::NoGradGuard no_grad;
   for (auto& [target, t] : assignments) target.copy_(t);
+  return Status::OK();
+}
+
+}  // namespace dtrain::worker
+
+namespace dtrain::worker {
+
+Status ReadModelConfig(const std::string& path, ModelConfig* config) {
+  if (!std::filesystem::exists(path)) return Status::NotFound("model file " + path + " does not exist");
+  torch::serialize::InputArchive archive;
+  c10::IValue value;
+  bool found = false;
+  try {
+    archive.load_from(path);
+    found = archive.try_read(kModelConfigKey, value);
+  } catch (const c10::Error& e) {
+    return Status::Corruption("cannot read the model file " + path + ": " + e.what_without_backtrace());
+  }
+  if (!found) return Status::NotFound("model file " + path + " carries no model config");
+  if (!value.isString()) return Status::Corruption(path + ": its model config is not text");
+  ModelConfig parsed;
+  if (!google::protobuf::TextFormat::ParseFromString(value.toStringRef(), &parsed)) {
+    return Status::Corruption(path + ": its model config does not parse");
+  }
+  *config = parsed;
+  return Status::OK();
+}
+
+Status LoadModelFromCheckpoint(const std::string& store_dir, models::EmbedderImpl& model, int64_t* step,
+                               std::vector<std::string>* warnings) {
+  StoreOptions so;
+  so.path = store_dir;
+  so.read_only = true;
+  so.create_if_missing = false;
+  std::unique_ptr<CheckpointStore> store;
+  DTRAIN_RETURN_IF_ERROR(CheckpointStore::Open(so, &store));
+  CheckpointData data;
+  DTRAIN_RETURN_IF_ERROR(store->LoadLatestGood(&data, warnings));
+  std::unordered_map<std::string, const TensorRecord*> by_name;
+  for (const TensorRecord& r : data.tensors) by_name[r.name] = &r;
+  const std::string where = store_dir + " checkpoint " + std::to_string(data.step);
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> assignments;
+  for (const auto& [name, target] : NamedTensors(model)) {
+    auto it = by_name.find("model/" + name);
+    if (it == by_name.end()) return Status::Corruption(where + " has no tensor 'model/" + name + "'");
+    torch::Tensor t;
+    DTRAIN_RETURN_IF_ERROR(RecordToTensor(*it->second, &t));
+    if (!t.sizes().equals(target.sizes()) || t.scalar_type() != target.scalar_type()) {
+      return Status::Corruption(where + ": tensor 'model/" + name + "' has shape " + Shape(t) + ", the model needs " +
+                                Shape(target));
+    }
+    assignments.emplace_back(target, t);
+  }
+  torch::NoGradGuard no_grad;
+  for (auto& [target, t] : assignments) target.copy_(t);
+  *step = data.step;
   return Status::OK();
 }
 

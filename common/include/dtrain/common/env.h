@@ -24,6 +24,11 @@ inline constexpr const char* kPmixRank = "PMIX_RANK";
 inline constexpr const char* kOmpiWorldRank = "OMPI_COMM_WORLD_RANK";
 inline constexpr const char* kOmpiLocalSize = "OMPI_COMM_WORLD_LOCAL_SIZE";
 
+// The job token every dtrain RPC must carry (common/rpc.h). Launchers give it
+// to the processes they start through this variable, never on a command line
+// (where `ps` would show it).
+inline constexpr const char* kJobToken = "DTRAIN_JOB_TOKEN";
+
 // Returns the variable's value, or `fallback` when it is unset or empty.
 const char* Get(const char* name, const char* fallback);
 

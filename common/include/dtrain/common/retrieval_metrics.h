@@ -50,9 +50,22 @@ Status ComputeRetrievalMetrics(const NeighborLists& neighbors, const std::vector
                                const std::vector<int64_t>& reference_labels, bool queries_in_reference,
                                const std::vector<int>& recall_ks, RetrievalMetrics* out);
 
+// The general form, for queries that are only partly in the reference set
+// (e.g. the first 1,000 test images against an index of the test split):
+// query q's own item is in the reference set, and already left out of its
+// neighbour list, exactly when self_in_reference[q] (R then excludes it).
+// With `with_r_metrics` false, R-Precision and MAP@R are left at 0 and k may
+// be smaller than R (for Precision@1 and Recall@K from a short search).
+Status ComputeRetrievalMetricsPerQuery(const NeighborLists& neighbors, const std::vector<int64_t>& query_labels,
+                                       const std::vector<int64_t>& reference_labels,
+                                       const std::vector<bool>& self_in_reference, bool with_r_metrics,
+                                       const std::vector<int>& recall_ks, RetrievalMetrics* out);
+
 // Largest R over the queries: the k a neighbour search must return.
 int64_t MaxRelevant(const std::vector<int64_t>& query_labels, const std::vector<int64_t>& reference_labels,
                     bool queries_in_reference);
+int64_t MaxRelevant(const std::vector<int64_t>& query_labels, const std::vector<int64_t>& reference_labels,
+                    const std::vector<bool>& self_in_reference);
 
 // "P@1 0.9123  R-P 0.8012  MAP@R 0.7841  R@1 0.9123  R@5 ..." for logs.
 std::string FormatRetrievalMetrics(const RetrievalMetrics& m);

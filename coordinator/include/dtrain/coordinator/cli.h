@@ -19,6 +19,13 @@ void AddRunCommands(CLI::App& app, int* exit_code);
 // dtrain ckpt list|inspect|export PATH
 void AddCkptCommands(CLI::App& app, int* exit_code);
 
+// dtrain index build|query|eval|info
+void AddIndexCommands(CLI::App& app, int* exit_code);
+
+// dtrain status [RUN_DIR]...: what each run directory holds (checkpoints,
+// evaluation, index).
+void AddStatusCommand(CLI::App& app, int* exit_code);
+
 // dtrain version: dtrain's version and every library it was built with.
 void AddVersionCommand(CLI::App& app, int* exit_code);
 

@@ -107,8 +107,23 @@ std::string EvalJson(const JobConfig& config, const RetrievalMetrics& model_metr
 // The evaluation table printed at the end of training and by `dtrain eval`.
 std::string EvalTable(const RetrievalMetrics& model_metrics, const RetrievalMetrics& raw_pixel_metrics);
 
-// Saves / loads the embedder's parameters and buffers (model.pt).
-Status SaveModel(models::EmbedderImpl& model, const std::string& path);
+// Saves / loads the embedder's parameters and buffers (model.pt). The file
+// also carries `config` (text format, under kModelConfigKey), so that a model
+// file alone is enough to rebuild its embedder (the indexer relies on it).
+// LoadModel ignores it.
+inline constexpr const char* kModelConfigKey = "__dtrain_model_config__";
+Status SaveModel(models::EmbedderImpl& model, const ModelConfig& config, const std::string& path);
 Status LoadModel(const std::string& path, models::EmbedderImpl& model);
+
+// The ModelConfig a model file carries. NotFound when it carries none (a file
+// written before dtrain stored it); Corruption when it cannot be read.
+Status ReadModelConfig(const std::string& path, ModelConfig* config);
+
+// The model of the newest good checkpoint of the store at `store_dir`
+// (corrupt checkpoints are skipped, with a warning each in `warnings`):
+// loads its "model/..." tensors into `model`, which must be built from the
+// same config. *step receives the checkpoint's step.
+Status LoadModelFromCheckpoint(const std::string& store_dir, models::EmbedderImpl& model, int64_t* step,
+                               std::vector<std::string>* warnings);
 
 }  // namespace dtrain::worker

@@ -1,0 +1,49 @@
+#include "dtrain/coordinator/index_handoff.h"
+
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+
+#include "dtrain/common/rpc.h"
+
+namespace dtrain::coordinator {
+namespace fs = std::filesystem;
+
+BuildIndexRequest HandoffRequest(const JobConfig& config) {
+  BuildIndexRequest req;
+  req.set_model(fs::absolute(config.run_dir()).lexically_normal().string());
+  const std::string out = config.index().output_dir().empty() ? config.run_dir() + "/index" : config.index().output_dir();
+  req.set_output_dir(fs::absolute(out).lexically_normal().string());
+  *req.mutable_config() = config.index();
+  req.set_job_name(config.name());
+  req.set_data_dir(config.data().dir());
+  req.set_serve(true);
+  return req;
+}
+
+Status HandOffToIndexer(const JobConfig& config, indexer::IndexBuilder& builder, IndexManifest* manifest) {
+  const BuildIndexRequest req = HandoffRequest(config);
+  spdlog::info("job {} completed: handing the model to the index builder ({}) for a {} index of {}", config.name(),
+               builder.Name(), IndexConfig::Kind_Name(config.index().kind()), config.index().gallery());
+  BuildIndexReply reply;
+  Status st = builder.Build(req, &reply);
+  if (!st.ok()) return st.WithContext("index hand-off of job " + config.name() + " to " + builder.Name());
+  spdlog::info("index ready in {}: {}", reply.index_dir(), indexer::DescribeManifest(reply.manifest()));
+  if (manifest) *manifest = reply.manifest();
+  return Status::OK();
+}
+
+Status MakeIndexBuilder(const JobConfig& config, bool progress, std::unique_ptr<indexer::IndexBuilder>* out) {
+  const std::string& address = config.index().builder_address();
+  if (address.empty()) {
+    *out = indexer::NewLocalIndexBuilder(progress);
+    return Status::OK();
+  }
+  std::string token;
+  Status st = rpc::LoadJobToken("", &token);
+  if (!st.ok()) return st.WithContext("index.builder_address " + address);
+  *out = indexer::NewRemoteIndexBuilder(address, token);
+  return Status::OK();
+}
+
+}  // namespace dtrain::coordinator
