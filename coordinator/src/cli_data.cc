@@ -1,11 +1,13 @@
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "dtrain/coordinator/cli.h"
 #include "dtrain/data/fashion_mnist.h"
+#include "dtrain/indexer/image_io.h"
 
 namespace dtrain::cli {
 namespace {
@@ -53,6 +55,38 @@ Status PrintSummary(const DataArgs& args) {
   return Status::OK();
 }
 
+struct ExportArgs {
+  std::string dir = "/usr/share/datasets/fashion-mnist";
+  std::string split = "test";
+  int64_t limit = 100;
+  std::string out;
+};
+
+// Writes images as 8-bit grayscale PNGs, OUT/<class>/<split>_<index>.png: a
+// catalogue in the layout a directory gallery reads (docs/indexer.md).
+Status ExportPngs(const ExportArgs& a) {
+  data::FashionMnistOptions opt;
+  opt.dir = a.dir;
+  opt.split = a.split == "train" ? data::Split::kTrain : data::Split::kTest;
+  opt.limit = a.limit;
+  data::Dataset ds;
+  DTRAIN_RETURN_IF_ERROR(data::LoadFashionMnist(opt, &ds));
+  for (int64_t i = 0; i < ds.size; ++i) {
+    std::string cls = data::ClassNames()[ds.labels[static_cast<size_t>(i)]];
+    for (char& c : cls) c = c == '/' ? '_' : c;  // "T-shirt/top"
+    indexer::GrayImage img;
+    img.rows = ds.rows;
+    img.cols = ds.cols;
+    img.pixels.assign(ds.image(i), ds.image(i) + static_cast<size_t>(ds.rows) * ds.cols);
+    const std::string path = (std::filesystem::path(a.out) / cls /
+                              (a.split + "_" + std::to_string(i) + ".png")).string();
+    DTRAIN_RETURN_IF_ERROR(indexer::WriteGrayPng(path, img));
+  }
+  std::printf("wrote %lld %s images to %s/<class>/\n", static_cast<long long>(ds.size), a.split.c_str(),
+              a.out.c_str());
+  return Status::OK();
+}
+
 }  // namespace
 
 void AddDataCommands(CLI::App& app, int* exit_code) {
@@ -72,6 +106,22 @@ void AddDataCommands(CLI::App& app, int* exit_code) {
     Status st = PrintSummary(*args);
     if (!st.ok()) {
       std::fprintf(stderr, "dtrain data summary: %s\n", st.ToString().c_str());
+      *exit_code = 1;
+    }
+  });
+
+  auto ex = std::make_shared<ExportArgs>();
+  CLI::App* png = data_cmd->add_subcommand(
+      "export-png", "write Fashion-MNIST images as PNG files, OUT/<class>/<split>_<index>.png (a sample catalogue "
+                    "for directory galleries and image queries)");
+  png->add_option("--dir", ex->dir, "directory with the IDX files")->capture_default_str();
+  png->add_option("--split", ex->split, "train or test")->check(CLI::IsMember({"train", "test"}))->capture_default_str();
+  png->add_option("--limit", ex->limit, "the first N images (0 = all)")->check(CLI::NonNegativeNumber)->capture_default_str();
+  png->add_option("--out", ex->out, "output directory")->required();
+  png->callback([ex, exit_code] {
+    Status st = ExportPngs(*ex);
+    if (!st.ok()) {
+      std::fprintf(stderr, "dtrain data export-png: %s\n", st.ToString().c_str());
       *exit_code = 1;
     }
   });

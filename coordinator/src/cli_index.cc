@@ -91,27 +91,12 @@ Status Build(const BuildArgs& a) {
   req.set_output_dir(fs::absolute(out).lexically_normal().string());
   *req.mutable_config() = config;
   req.set_job_name(job_name);
+  req.set_from_checkpoint(a.from_checkpoint);
   if (!data_dir.empty()) req.set_data_dir(data_dir);
   std::unique_ptr<indexer::IndexBuilder> builder;
   if (a.server.server.empty()) {
-    if (a.from_checkpoint) {
-      // The checkpoint option exists in-process only (BuildIndexOptions).
-      indexer::BuildIndexOptions o;
-      o.model = a.source;
-      o.from_checkpoint = true;
-      o.output_dir = out;
-      o.config = config;
-      if (!data_dir.empty()) o.data_dir = data_dir;
-      o.job_name = job_name;
-      o.progress = !a.no_progress;
-      IndexManifest m;
-      DTRAIN_RETURN_IF_ERROR(indexer::BuildIndex(o, &m));
-      std::printf("index %s: %s\n", out.c_str(), indexer::DescribeManifest(m).c_str());
-      return Status::OK();
-    }
     builder = indexer::NewLocalIndexBuilder(!a.no_progress);
   } else {
-    if (a.from_checkpoint) return Status::InvalidArgument("--checkpoint works in-process only (without --server)");
     std::string token;
     DTRAIN_RETURN_IF_ERROR(rpc::LoadJobToken(a.server.token_file, &token));
     builder = indexer::NewRemoteIndexBuilder(a.server.server, token);
@@ -364,6 +349,9 @@ void AddIndexCommands(CLI::App& app, int* exit_code) {
   eval->add_option("--limit", e->options.limit, "first N queries only (0: all)");
   eval->add_option("--latency-queries", e->options.latency_queries, "queries timed one by one")->capture_default_str();
   eval->add_flag("--no-map", e->no_map, "skip MAP@R (it searches k = R per query)");
+  eval->add_option("--map-queries", e->options.map_queries,
+                   "queries behind MAP@R and R-Precision (the first N; k = R searches are deep)")
+      ->capture_default_str();
   eval->add_option("--ef-search", e->ef_search, "HNSW efSearch");
   eval->add_option("--nprobe", e->nprobe, "IVF nprobe");
   eval->add_option("--data-dir", e->data_dir, "Fashion-MNIST directory");

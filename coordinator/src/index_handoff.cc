@@ -27,7 +27,11 @@ Status HandOffToIndexer(const JobConfig& config, indexer::IndexBuilder& builder,
                builder.Name(), IndexConfig::Kind_Name(config.index().kind()), config.index().gallery());
   BuildIndexReply reply;
   Status st = builder.Build(req, &reply);
-  if (!st.ok()) return st.WithContext("index hand-off of job " + config.name() + " to " + builder.Name());
+  if (!st.ok()) {
+    return st.WithContext("index hand-off of job " + config.name() + " to " + builder.Name() +
+                          " (training completed and its model is saved; retry with `dtrain index build " +
+                          config.run_dir() + "`)");
+  }
   spdlog::info("index ready in {}: {}", reply.index_dir(), indexer::DescribeManifest(reply.manifest()));
   if (manifest) *manifest = reply.manifest();
   return Status::OK();

@@ -202,6 +202,7 @@ class LocalIndexBuilder : public IndexBuilder {
   Status Build(const BuildIndexRequest& request, BuildIndexReply* reply) override {
     BuildIndexOptions o;
     o.model = request.model();
+    o.from_checkpoint = request.from_checkpoint();
     o.output_dir = request.output_dir();
     o.config = request.config();
     if (request.has_data_dir()) o.data_dir = request.data_dir();

@@ -21,12 +21,14 @@ using Clock = std::chrono::steady_clock;
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
 // Searches k (+1 when leaving the query out) and drops each query's own id.
+// With `deep`, HNSW's efSearch is raised to k for this search (MAP@R asks
+// for k = R results, far more than efSearch).
 Status SearchLeaveOut(const VectorIndex& index, const std::vector<float>& q, int64_t n, int k,
-                      const std::vector<int64_t>* own_ids, std::vector<int64_t>* ids) {
+                      const std::vector<int64_t>* own_ids, std::vector<int64_t>* ids, bool deep = false) {
   const int kk = own_ids ? k + 1 : k;
   std::vector<float> scores;
   std::vector<int64_t> raw;
-  DTRAIN_RETURN_IF_ERROR(index.Search(q.data(), n, kk, &scores, &raw));
+  DTRAIN_RETURN_IF_ERROR(index.Search(q.data(), n, kk, &scores, &raw, deep ? kk : 0));
   ids->assign(static_cast<size_t>(n) * k, -1);
   for (int64_t i = 0; i < n; ++i) {
     int out = 0;
@@ -136,24 +138,38 @@ Status EvaluateIndex(const Searcher& searcher, const IndexEvalOptions& o, IndexE
   if (own) {
     for (int64_t i = 0; i < n; ++i) self[static_cast<size_t>(i)] = position.count(own_ids[static_cast<size_t>(i)]) > 0;
   }
-  int64_t k_metrics = kmax;
-  if (o.map_at_r) k_metrics = std::max<int64_t>(kmax, MaxRelevant(query_labels, gallery_labels, self));
-  k_metrics = std::min<int64_t>(k_metrics, index.size());
-  auto metrics = [&](const VectorIndex& idx, RetrievalMetrics* out) -> Status {
+  // Precision@1 and Recall@K over every query (a k = max K search); the
+  // R-based figures over the first map_queries (a k = R search, much deeper).
+  auto metrics = [&](const VectorIndex& idx, int64_t nm, bool r_metrics, RetrievalMetrics* out) -> Status {
+    const std::vector<int64_t> labels(query_labels.begin(), query_labels.begin() + nm);
+    const std::vector<bool> selfs(self.begin(), self.begin() + nm);
+    int64_t k = kmax;
+    if (r_metrics) k = std::max<int64_t>(kmax, MaxRelevant(labels, gallery_labels, selfs));
+    k = std::min<int64_t>(k, index.size());
     std::vector<int64_t> ids;
-    DTRAIN_RETURN_IF_ERROR(SearchLeaveOut(idx, q, n, static_cast<int>(k_metrics), own, &ids));
+    DTRAIN_RETURN_IF_ERROR(SearchLeaveOut(idx, q, nm, static_cast<int>(k), own, &ids, r_metrics));
     NeighborLists lists;
-    lists.num_queries = n;
-    lists.k = k_metrics;
+    lists.num_queries = nm;
+    lists.k = k;
     lists.ids.resize(ids.size());
     for (size_t i = 0; i < ids.size(); ++i) {
       auto it = position.find(ids[i]);
       lists.ids[i] = it == position.end() ? -1 : it->second;
     }
-    return ComputeRetrievalMetricsPerQuery(lists, query_labels, gallery_labels, self, o.map_at_r, o.recall_ks, out);
+    return ComputeRetrievalMetricsPerQuery(lists, labels, gallery_labels, selfs, r_metrics, o.recall_ks, out);
   };
-  DTRAIN_RETURN_IF_ERROR(metrics(index, &r.metrics));
-  DTRAIN_RETURN_IF_ERROR(metrics(*exact, &r.exact_metrics));
+  const int64_t nm = o.map_at_r ? std::min<int64_t>(n, std::max<int64_t>(o.map_queries, 0)) : 0;
+  r.map_queries = nm;
+  using Job = std::pair<const VectorIndex*, RetrievalMetrics*>;
+  for (auto [idx, out] : {Job(&index, &r.metrics), Job(exact.get(), &r.exact_metrics)}) {
+    DTRAIN_RETURN_IF_ERROR(metrics(*idx, n, false, out));
+    if (nm > 0) {
+      RetrievalMetrics deep;
+      DTRAIN_RETURN_IF_ERROR(metrics(*idx, nm, true, &deep));
+      out->map_at_r = deep.map_at_r;
+      out->r_precision = deep.r_precision;
+    }
+  }
   // Speed.
   DTRAIN_RETURN_IF_ERROR(MeasureSpeed(index, q, n, o.latency_queries, kmax, &r.speed));
   DTRAIN_RETURN_IF_ERROR(MeasureSpeed(*exact, q, n, o.latency_queries, kmax, &r.exact_speed));
@@ -182,8 +198,9 @@ std::string IndexEvalTable(const IndexEvalReport& r) {
     out += line;
   };
   row("Precision@1", r.metrics.precision_at_1, r.exact_metrics.precision_at_1, "%.4f");
-  if (r.metrics.map_at_r > 0 || r.exact_metrics.map_at_r > 0) {
-    row("MAP@R", r.metrics.map_at_r, r.exact_metrics.map_at_r, "%.4f");
+  if (r.map_queries > 0) {
+    const std::string label = "MAP@R" + (r.map_queries < r.num_queries ? " (" + std::to_string(r.map_queries) + " q)" : "");
+    row(label.c_str(), r.metrics.map_at_r, r.exact_metrics.map_at_r, "%.4f");
   }
   for (size_t i = 0; i < r.metrics.recall_at.size() && i < r.exact_metrics.recall_at.size(); ++i) {
     row(("Recall@" + std::to_string(r.metrics.recall_at[i].first)).c_str(), r.metrics.recall_at[i].second,
@@ -206,6 +223,7 @@ std::string IndexEvalJson(const IndexEvalReport& r) {
   j["queries"] = r.queries;
   j["num_queries"] = r.num_queries;
   j["leave_one_out"] = r.leave_one_out;
+  j["map_queries"] = r.map_queries;
   for (const auto& [k, v] : r.recall_vs_exact) j["recall_vs_exact"]["@" + std::to_string(k)] = v;
   auto metrics = [](const RetrievalMetrics& m) {
     nlohmann::ordered_json x;

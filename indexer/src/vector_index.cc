@@ -161,14 +161,29 @@ Status VectorIndex::Save(const std::string& path) const {
 }
 
 Status VectorIndex::Search(const float* queries, int64_t n, int k, std::vector<float>* scores,
-                           std::vector<int64_t>* ids) const {
+                           std::vector<int64_t>* ids, int hnsw_ef_search) const {
   if (k < 1) return Status::InvalidArgument("k must be >= 1, got " + std::to_string(k));
   scores->assign(static_cast<size_t>(n) * k, 0.f);
   ids->assign(static_cast<size_t>(n) * k, -1);
   if (n == 0) return Status::OK();
   static_assert(sizeof(faiss::Index::idx_t) == sizeof(int64_t), "FAISS ids are 64-bit");
   return Guard("searching", [&]() -> Status {
-    f_->index->search(n, queries, k, scores->data(), reinterpret_cast<faiss::Index::idx_t*>(ids->data()));
+    auto* out_ids = reinterpret_cast<faiss::Index::idx_t*>(ids->data());
+    auto* hnsw = dynamic_cast<const faiss::IndexHNSW*>(f_->index->index);
+    if (hnsw != nullptr && hnsw_ef_search > 0) {
+      // Per call, so concurrent searches with other settings stay unaffected.
+      // The inner index is searched and its labels mapped here, which does not
+      // depend on whether the id map passes parameters down.
+      faiss::SearchParametersHNSW p;
+      p.efSearch = hnsw_ef_search;
+      hnsw->search(n, queries, k, scores->data(), out_ids, &p);
+      const auto& id_map = f_->index->id_map;
+      for (size_t i = 0; i < ids->size(); ++i) {
+        if ((*ids)[i] >= 0) (*ids)[i] = id_map[static_cast<size_t>((*ids)[i])];
+      }
+    } else {
+      f_->index->search(n, queries, k, scores->data(), out_ids);
+    }
     return Status::OK();
   });
 }

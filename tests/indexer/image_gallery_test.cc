@@ -255,6 +255,37 @@ TEST_F(IndexerFilesTest, ThreeKindsSaveLoadAndAgreeWithExactSearch) {
   }
 }
 
+TEST_F(IndexerFilesTest, HnswDeepSearchReturnsKResultsWhenEfSearchIsRaised) {
+  const int dim = 8;
+  const int64_t n = 2000;
+  const std::vector<float> v = UnitVectors(n, dim, 6), q = UnitVectors(5, dim, 7);
+  std::vector<int64_t> ids(n);
+  for (int64_t i = 0; i < n; ++i) ids[i] = 5000 + i;
+  IndexConfig p;
+  p.set_kind(IndexConfig::HNSW);
+  p.set_hnsw_m(16);
+  p.set_hnsw_ef_search(16);
+  std::unique_ptr<VectorIndex> index, exact;
+  ASSERT_TRUE(VectorIndex::Build(p, dim, v.data(), ids.data(), n, &index).ok());
+  p.set_kind(IndexConfig::FLAT);
+  ASSERT_TRUE(VectorIndex::Build(p, dim, v.data(), ids.data(), n, &exact).ok());
+  const int k = 300;
+  std::vector<float> s, es;
+  std::vector<int64_t> got, truth;
+  ASSERT_TRUE(exact->Search(q.data(), 5, k, &es, &truth).ok());
+  ASSERT_TRUE(index->Search(q.data(), 5, k, &s, &got, /*hnsw_ef_search=*/k).ok());
+  int valid = 0, hits = 0;
+  for (int i = 0; i < 5; ++i) {
+    std::set<int64_t> t(truth.begin() + i * k, truth.begin() + (i + 1) * k);
+    for (int j = 0; j < k; ++j) {
+      valid += got[i * k + j] >= 5000 ? 1 : 0;  // real ids, mapped through the id map
+      hits += t.count(got[i * k + j]) ? 1 : 0;
+    }
+  }
+  EXPECT_EQ(valid, 5 * k);
+  EXPECT_GE(hits, 0.95 * 5 * k);
+}
+
 TEST_F(IndexerFilesTest, IndexRejectsBadInput) {
   const std::vector<float> v = UnitVectors(10, 4, 5);
   std::vector<int64_t> ids = {1, 2, 3, 4, 5, 6, 7, 8, 9, 1};  // 1 repeats

@@ -6,7 +6,8 @@
 //    (exact = a FLAT index over the same vectors, read back from the index);
 //  - Precision@1, MAP@R, Recall@K of the index's own ranking
 //    (common/retrieval_metrics.h); MAP@R searches k = R (the largest number
-//    of relevant gallery items), so an index that cannot return that many
+//    of relevant gallery items; HNSW's efSearch is raised to k for that
+//    search, IVF keeps its nprobe), so an index that cannot return that many
 //    pays for it. When the queries come from the gallery's own source (the
 //    same split or directory), a query whose item is in the index has it left
 //    out of its results, and R does not count it;
@@ -33,8 +34,11 @@ struct IndexEvalOptions {
   std::string queries = "fashion_mnist:test";
   // First N queries only (0 = all).
   int64_t limit = 0;
-  // Compute MAP@R (searches k = R per query; slower).
+  // Compute MAP@R and R-Precision (searches k = R per query: with the train
+  // split as gallery R = 6,000, and HNSW visits far more of the graph) over
+  // the first map_queries queries; Precision@1 and Recall@K use them all.
   bool map_at_r = true;
+  int64_t map_queries = 1000;
   // Queries timed one at a time for the latency figures.
   int64_t latency_queries = 1000;
   std::vector<int> recall_ks = {1, 10};
@@ -52,6 +56,7 @@ struct IndexEvalReport {
   std::string index_description;  // VectorIndex::Describe()
   std::string queries;            // the query set's description
   int64_t num_queries = 0;
+  int64_t map_queries = 0;  // queries behind MAP@R and R-Precision (0: not computed)
   bool leave_one_out = false;
   std::vector<std::pair<int, double>> recall_vs_exact;  // (K, recall)
   RetrievalMetrics metrics;        // through the index

@@ -43,8 +43,11 @@ class VectorIndex {
   Status Save(const std::string& path) const;
 
   // Top-k of `n` queries: row-major [n x k] scores (best first) and ids; -1
-  // ids (score -inf) where the index found fewer than k.
-  Status Search(const float* queries, int64_t n, int k, std::vector<float>* scores, std::vector<int64_t>* ids) const;
+  // ids (score -inf) where the index found fewer than k. `hnsw_ef_search`
+  // > 0 overrides efSearch for this call only (HNSW returns at most about
+  // efSearch results, so a search for k far above it needs efSearch >= k).
+  Status Search(const float* queries, int64_t n, int k, std::vector<float>* scores, std::vector<int64_t>* ids,
+                int hnsw_ef_search = 0) const;
 
   // Every stored vector ([size x dim], row-major) with its id, in insertion
   // order.
