@@ -8,6 +8,9 @@
 //     exact top-10, queries/s one query at a time on one thread (the online
 //     case, with p50/p99 latency) and all queries in one batch (all cores),
 //     beside exact search measured in the same run.
+//  4. Retrieval quality through the indexes (Precision@1 over all queries,
+//     MAP@R over the first --map-queries, k = R = 6,000), beside the same
+//     exact search on L2-normalised raw pixels (the baseline).
 //
 // Goal (issue "Index builder"): HNSW recall@10 >= 0.98 vs exact at >= 10x the
 // exact queries/s.
@@ -17,6 +20,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -25,6 +29,8 @@
 #include <thread>
 
 #include "dtrain/common/logging.h"
+#include "dtrain/common/retrieval_metrics.h"
+#include "dtrain/indexer/index_eval.h"
 #include "dtrain/data/fashion_mnist.h"
 #include "dtrain/indexer/index_builder.h"
 #include "dtrain/indexer/searcher.h"
@@ -92,10 +98,11 @@ void Measure(const VectorIndex& index, const std::vector<float>& q, int64_t nq, 
 int main(int argc, char** argv) {
   CLI::App app{"bench_index: embedding throughput and FLAT / HNSW / IVF search on Fashion-MNIST", "bench_index"};
   std::string run = "runs/quickstart", out = "bench/results/index.json", work = "/tmp/dtrain_bench_index";
-  int64_t nq = 10000, timed = 2000;
+  int64_t nq = 10000, timed = 2000, map_queries = 1000;
   app.add_option("--run", run, "run directory with a trained model")->capture_default_str();
   app.add_option("--queries", nq, "test images used as queries")->capture_default_str();
   app.add_option("--timed", timed, "queries timed one at a time")->capture_default_str();
+  app.add_option("--map-queries", map_queries, "queries behind MAP@R")->capture_default_str();
   app.add_option("--work", work, "scratch directory for the exact index")->capture_default_str();
   app.add_option("--out", out, "JSON output")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
@@ -214,6 +221,86 @@ int main(int argc, char** argv) {
     x["single_qps_vs_exact"] = r.single_qps / exact_single;
     x["batch_qps_vs_exact"] = r.batch_qps / exact_batch;
     j["rows"].push_back(x);
+  }
+  // 4. Quality through the index (EvaluateIndex, the default HNSW and FLAT)
+  // and the raw-pixel baseline (exact cosine on pixels).
+  std::printf("\nretrieval quality, test images against the train gallery (MAP@R over the first %lld queries):\n",
+              static_cast<long long>(map_queries));
+  std::printf("%-34s %12s %10s\n", "", "Precision@1", "MAP@R");
+  {
+    IndexEvalOptions eo;
+    eo.limit = nq;
+    eo.map_queries = map_queries;
+    eo.latency_queries = 1;
+    SearcherOptions hs = so;
+    hs.hnsw_ef_search = 32;
+    IndexEvalReport rep;
+    Check(EvaluateIndex(*searcher, eo, &rep), "evaluating FLAT");
+    std::printf("%-34s %12.4f %10.4f\n", "model, exact (FLAT)", rep.metrics.precision_at_1, rep.metrics.map_at_r);
+    j["quality"]["model_exact"] = {{"precision_at_1", rep.metrics.precision_at_1}, {"map_at_r", rep.metrics.map_at_r}};
+    // The default HNSW, built over the same vectors.
+    IndexConfig hp;
+    hp.set_kind(IndexConfig::HNSW);
+    hp.set_hnsw_ef_search(32);
+    BuildIndexOptions hb = bo;
+    hb.config = hp;
+    hb.config.set_gallery("fashion_mnist:train");
+    hb.output_dir = work + "/hnsw";
+    Check(BuildIndex(hb, nullptr), "building the default HNSW index");
+    std::unique_ptr<Searcher> hsearcher;
+    hs.index_dir = hb.output_dir;
+    Check(Searcher::Open(hs, &hsearcher), "opening HNSW");
+    Check(EvaluateIndex(*hsearcher, eo, &rep), "evaluating HNSW");
+    std::printf("%-34s %12.4f %10.4f\n", "model, HNSW (default settings)", rep.metrics.precision_at_1,
+                rep.metrics.map_at_r);
+    j["quality"]["model_hnsw"] = {{"precision_at_1", rep.metrics.precision_at_1}, {"map_at_r", rep.metrics.map_at_r}};
+  }
+  {
+    const dtrain::data::Dataset* train = nullptr;
+    Check(searcher->Dataset(dtrain::data::Split::kTrain, &train), "train split");
+    auto raw = [](const dtrain::data::Dataset& d, int64_t count) {
+      const int64_t px = static_cast<int64_t>(d.rows) * d.cols;
+      std::vector<float> v(static_cast<size_t>(count * px));
+      for (int64_t i = 0; i < count; ++i) {
+        double norm = 0;
+        for (int64_t p = 0; p < px; ++p) norm += double(d.image(i)[p]) * d.image(i)[p];
+        const double inv = norm > 0 ? 1.0 / std::sqrt(norm) : 0.0;
+        for (int64_t p = 0; p < px; ++p) v[i * px + p] = static_cast<float>(d.image(i)[p] * inv);
+      }
+      return v;
+    };
+    const int px = train->rows * train->cols;
+    const std::vector<float> gv = raw(*train, train->size), qv = raw(test, nq);
+    std::vector<int64_t> gids(static_cast<size_t>(train->size));
+    for (int64_t i = 0; i < train->size; ++i) gids[i] = i;
+    IndexConfig fp;
+    fp.set_kind(IndexConfig::FLAT);
+    std::unique_ptr<VectorIndex> rawindex;
+    Check(VectorIndex::Build(fp, px, gv.data(), gids.data(), train->size, &rawindex), "raw-pixel index");
+    std::vector<int64_t> glabels(train->labels.begin(), train->labels.end()), qlabels(test.labels.begin(),
+                                                                                      test.labels.begin() + nq);
+    const int64_t nm = std::min(map_queries, nq);
+    std::vector<float> sc;
+    std::vector<int64_t> top;
+    Check(rawindex->Search(qv.data(), nq, 10, &sc, &top), "raw search");
+    dtrain::NeighborLists lists;
+    lists.num_queries = nq;
+    lists.k = 10;
+    lists.ids = top;
+    dtrain::RetrievalMetrics m1, m2;
+    Check(dtrain::ComputeRetrievalMetricsPerQuery(lists, qlabels, glabels, std::vector<bool>(nq, false), false, {1},
+                                                  &m1),
+          "raw metrics");
+    std::vector<int64_t> ql(qlabels.begin(), qlabels.begin() + nm);
+    const int64_t kr = dtrain::MaxRelevant(ql, glabels, false);
+    Check(rawindex->Search(qv.data(), nm, static_cast<int>(kr), &sc, &top), "raw deep search");
+    lists.num_queries = nm;
+    lists.k = kr;
+    lists.ids = top;
+    Check(dtrain::ComputeRetrievalMetricsPerQuery(lists, ql, glabels, std::vector<bool>(nm, false), true, {1}, &m2),
+          "raw MAP@R");
+    std::printf("%-34s %12.4f %10.4f\n", "raw pixels, exact (baseline)", m1.precision_at_1, m2.map_at_r);
+    j["quality"]["raw_pixels_exact"] = {{"precision_at_1", m1.precision_at_1}, {"map_at_r", m2.map_at_r}};
   }
   fs::create_directories(fs::path(out).parent_path());
   std::ofstream(out) << j.dump(2) << "\n";
