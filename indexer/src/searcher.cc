@@ -109,7 +109,6 @@ Status Searcher::Query(const QueryRequest& request, QueryReply* reply) const {
   batch.rows = manifest_.image_rows();
   batch.cols = manifest_.image_cols();
   batch.source = "query";
-  const size_t pixels = static_cast<size_t>(batch.rows) * batch.cols;
   std::vector<std::string> names;
   std::vector<int> labels;
   for (int i = 0; i < request.queries_size(); ++i) {
@@ -166,7 +165,6 @@ Status Searcher::Query(const QueryRequest& request, QueryReply* reply) const {
     names.push_back(name.empty() ? "query " + std::to_string(i) : name);
     labels.push_back(label);
   }
-  (void)pixels;
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<float> emb;
   DTRAIN_RETURN_IF_ERROR(Embed(batch, &emb));

@@ -1,0 +1,120 @@
+// One parameter-server shard's state: the parameter slices it owns (from the
+// shard plan, sharding.h), their optimizer state, and the version counter.
+//
+// Protocol, per push:
+//  1. Validate the whole push before touching anything: every gradient names
+//     a slice of this shard exactly (name, offset, length), none twice, and
+//     every value is finite (or the push is skipped and counted, by the
+//     nonfinite policy). A bad push changes nothing.
+//  2. Staleness: a push computed on version b when the shard is at version v
+//     is v - b updates stale. With bound tau, v - b > tau is refused with
+//     Aborted (the worker re-pulls and recomputes); tau = 0 admits only pushes
+//     computed on the current version, which gives sequential consistency.
+//     Accepted stalenesses are counted in a histogram.
+//  3. Apply: the learning rate is lr_at(v) (the job's schedule at the global
+//     step the update makes); each slice is updated under its own mutex (one
+//     lock per tensor slice, not one for the shard), then the version becomes
+//     v + 1 and each updated slice records it as its last change.
+// Steps 2 and 3 are one critical section on the version (pushes are applied
+// one at a time, in admission order), so versions count applied updates
+// exactly; pulls only take the slice locks and run beside pushes.
+//
+// Pull(since) returns the slices changed after version `since` (all of them
+// for since < 0), each copied under its lock, and the version read before
+// copying: a pull that runs beside a push may already see some of that push's
+// slices, and the next pull (since the returned version) fetches the rest.
+//
+// Thread-safety: every method may be called from many threads at once.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "dtrain/common/status.h"
+#include "dtrain/job.pb.h"
+#include "dtrain/paramserver/optimizer.h"
+#include "dtrain/paramserver/sharding.h"
+
+namespace dtrain::paramserver {
+
+// A read-only view of values for one slice (gradients in a push, values in
+// an initialisation).
+struct SliceView {
+  std::string name;
+  int64_t offset = 0;
+  int64_t length = 0;
+  const float* data = nullptr;
+};
+
+// A slice's values as pulled.
+struct SliceValues {
+  std::string name;
+  int64_t offset = 0;
+  std::vector<float> data;
+  int64_t changed_at = 0;  // the version of its last update
+};
+
+struct ShardOptions {
+  int shard = 0;
+  std::vector<ParamSlice> slices;  // this shard's part of the plan
+  OptimizerConfig optimizer;
+  int max_staleness = 4;
+  AsyncConfig::NonFinitePolicy nonfinite_policy = AsyncConfig::NONFINITE_REJECT;
+  // The learning rate of the update that takes the shard from version v to
+  // v + 1. Default: optimizer.lr, constant.
+  std::function<double(int64_t)> lr_at;
+};
+
+struct PushResult {
+  int64_t version = 0;    // the shard's version after the push
+  int64_t staleness = 0;  // updates applied since the push's base version
+  bool skipped = false;   // dropped by the nonfinite policy
+};
+
+struct ShardCounters {
+  int64_t applied = 0;
+  int64_t rejected_stale = 0;
+  int64_t rejected_invalid = 0;
+  int64_t skipped_nonfinite = 0;
+  std::map<int64_t, int64_t> staleness_histogram;  // staleness -> accepted pushes
+};
+
+class ParameterShard {
+ public:
+  ~ParameterShard();
+  static Status Create(const ShardOptions& options, std::unique_ptr<ParameterShard>* out);
+
+  // Sets every slice's values and the version (a new job: 0; a resume: the
+  // checkpoint's step). Optimizer state starts empty. InvalidArgument, and
+  // nothing changed, unless `values` covers exactly this shard's slices.
+  Status Initialize(const std::vector<SliceView>& values, int64_t version);
+
+  Status Push(int64_t base_version, const std::vector<SliceView>& grads, PushResult* result);
+  Status Pull(int64_t since_version, std::vector<SliceValues>* out, int64_t* version) const;
+
+  int64_t version() const { return version_.load(); }
+  bool initialized() const { return initialized_.load(); }
+  ShardCounters counters() const;
+
+ private:
+  struct Slot;
+  ParameterShard() = default;
+  Status Validate(const std::vector<SliceView>& views, bool need_all, std::vector<Slot*>* slots) const;
+
+  ShardOptions options_;
+  ServerOptimizer optimizer_;
+  std::map<std::pair<std::string, int64_t>, std::unique_ptr<Slot>> slots_;
+  std::mutex apply_mu_;  // steps 2-3: admission and the version
+  std::atomic<int64_t> version_{0};
+  std::atomic<bool> initialized_{false};
+  mutable std::mutex counters_mu_;
+  ShardCounters counters_;
+};
+
+}  // namespace dtrain::paramserver

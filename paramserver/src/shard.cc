@@ -1,0 +1,166 @@
+#include "dtrain/paramserver/shard.h"
+
+#include <cmath>
+#include <cstring>
+#include <set>
+
+namespace dtrain::paramserver {
+
+struct ParameterShard::Slot {
+  ParamSlice slice;
+  std::mutex mu;
+  std::vector<float> values;  // GUARDED_BY(mu)
+  SlotState state;            // GUARDED_BY(mu)
+  int64_t changed_at = 0;     // GUARDED_BY(mu)
+};
+
+ParameterShard::~ParameterShard() = default;
+
+Status ParameterShard::Create(const ShardOptions& options, std::unique_ptr<ParameterShard>* out) {
+  std::unique_ptr<ParameterShard> s(new ParameterShard());
+  DTRAIN_RETURN_IF_ERROR(ServerOptimizer::Create(options.optimizer, &s->optimizer_));
+  if (options.max_staleness < 0) {
+    return Status::InvalidArgument("max_staleness must be >= 0, got " + std::to_string(options.max_staleness));
+  }
+  s->options_ = options;
+  if (!s->options_.lr_at) {
+    const double lr = options.optimizer.lr();
+    s->options_.lr_at = [lr](int64_t) { return lr; };
+  }
+  for (const ParamSlice& p : options.slices) {
+    if (p.shard != options.shard) {
+      return Status::InvalidArgument("slice " + p.name + "@" + std::to_string(p.offset) + " belongs to shard " +
+                                     std::to_string(p.shard) + ", not " + std::to_string(options.shard));
+    }
+    auto slot = std::make_unique<Slot>();
+    slot->slice = p;
+    slot->values.assign(static_cast<size_t>(p.length), 0.f);
+    if (!s->slots_.emplace(std::make_pair(p.name, p.offset), std::move(slot)).second) {
+      return Status::InvalidArgument("slice " + p.name + "@" + std::to_string(p.offset) + " is listed twice");
+    }
+  }
+  *out = std::move(s);
+  return Status::OK();
+}
+
+Status ParameterShard::Validate(const std::vector<SliceView>& views, bool need_all, std::vector<Slot*>* slots) const {
+  std::set<std::pair<std::string, int64_t>> seen;
+  slots->clear();
+  for (const SliceView& v : views) {
+    const std::string where = "'" + v.name + "' at element " + std::to_string(v.offset);
+    auto it = slots_.find({v.name, v.offset});
+    if (it == slots_.end()) {
+      return Status::InvalidArgument("shard " + std::to_string(options_.shard) + " holds no slice " + where +
+                                     " (unknown tensor, or another shard's part)");
+    }
+    if (v.length != it->second->slice.length) {
+      return Status::InvalidArgument("slice " + where + " has " + std::to_string(v.length) + " elements, the shard's has " +
+                                     std::to_string(it->second->slice.length));
+    }
+    if (v.data == nullptr) return Status::InvalidArgument("slice " + where + " carries no data");
+    if (!seen.insert({v.name, v.offset}).second) return Status::InvalidArgument("slice " + where + " appears twice");
+    slots->push_back(it->second.get());
+  }
+  if (need_all && seen.size() != slots_.size()) {
+    return Status::InvalidArgument("expected all " + std::to_string(slots_.size()) + " slices of shard " +
+                                   std::to_string(options_.shard) + ", got " + std::to_string(seen.size()));
+  }
+  return Status::OK();
+}
+
+Status ParameterShard::Initialize(const std::vector<SliceView>& values, int64_t version) {
+  std::vector<Slot*> slots;
+  DTRAIN_RETURN_IF_ERROR(Validate(values, true, &slots));
+  std::lock_guard<std::mutex> apply(apply_mu_);
+  for (size_t i = 0; i < values.size(); ++i) {
+    std::lock_guard<std::mutex> lock(slots[i]->mu);
+    std::memcpy(slots[i]->values.data(), values[i].data, sizeof(float) * static_cast<size_t>(values[i].length));
+    slots[i]->state = SlotState();
+    slots[i]->changed_at = version;
+  }
+  version_ = version;
+  initialized_ = true;
+  return Status::OK();
+}
+
+Status ParameterShard::Push(int64_t base_version, const std::vector<SliceView>& grads, PushResult* result) {
+  auto count = [&](int64_t ShardCounters::*field) {
+    std::lock_guard<std::mutex> lock(counters_mu_);
+    ++(counters_.*field);
+  };
+  if (!initialized_) return Status::FailedPrecondition("shard " + std::to_string(options_.shard) + " is not initialised");
+  // 1. Validate everything first.
+  std::vector<Slot*> slots;
+  Status valid = Validate(grads, false, &slots);
+  if (!valid.ok()) {
+    count(&ShardCounters::rejected_invalid);
+    return valid;
+  }
+  for (const SliceView& g : grads) {
+    for (int64_t i = 0; i < g.length; ++i) {
+      if (std::isfinite(g.data[i])) continue;
+      const std::string what = "gradient of '" + g.name + "' is not finite at element " + std::to_string(g.offset + i);
+      if (options_.nonfinite_policy == AsyncConfig::NONFINITE_SKIP) {
+        count(&ShardCounters::skipped_nonfinite);
+        result->version = version_.load();
+        result->staleness = result->version - base_version;
+        result->skipped = true;
+        return Status::OK();
+      }
+      count(&ShardCounters::rejected_invalid);
+      return Status::InvalidArgument(what + " (the push was refused; nonfinite_policy NONFINITE_REJECT)");
+    }
+  }
+  // 2-3. Admission and apply, one push at a time.
+  std::lock_guard<std::mutex> apply(apply_mu_);
+  const int64_t v = version_.load();
+  const int64_t staleness = v - base_version;
+  if (base_version > v) {
+    count(&ShardCounters::rejected_invalid);
+    return Status::InvalidArgument("push computed on version " + std::to_string(base_version) +
+                                   ", ahead of the shard's " + std::to_string(v));
+  }
+  if (staleness > options_.max_staleness) {
+    count(&ShardCounters::rejected_stale);
+    return Status::Aborted("push computed on version " + std::to_string(base_version) + " is " +
+                           std::to_string(staleness) + " updates stale (shard " + std::to_string(options_.shard) +
+                           " at " + std::to_string(v) + ", bound " + std::to_string(options_.max_staleness) +
+                           "): pull and recompute");
+  }
+  const double lr = options_.lr_at(v);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    Slot* s = slots[i];
+    std::lock_guard<std::mutex> lock(s->mu);
+    optimizer_.Apply(s->values.data(), grads[i].data, grads[i].length, lr, &s->state);
+    s->changed_at = v + 1;
+  }
+  version_ = v + 1;
+  {
+    std::lock_guard<std::mutex> lock(counters_mu_);
+    ++counters_.applied;
+    ++counters_.staleness_histogram[staleness];
+  }
+  result->version = v + 1;
+  result->staleness = staleness;
+  result->skipped = false;
+  return Status::OK();
+}
+
+Status ParameterShard::Pull(int64_t since_version, std::vector<SliceValues>* out, int64_t* version) const {
+  if (!initialized_) return Status::FailedPrecondition("shard " + std::to_string(options_.shard) + " is not initialised");
+  out->clear();
+  *version = version_.load();
+  for (const auto& [key, slot] : slots_) {
+    std::lock_guard<std::mutex> lock(slot->mu);
+    if (since_version >= 0 && slot->changed_at <= since_version) continue;
+    out->push_back(SliceValues{slot->slice.name, slot->slice.offset, slot->values, slot->changed_at});
+  }
+  return Status::OK();
+}
+
+ShardCounters ParameterShard::counters() const {
+  std::lock_guard<std::mutex> lock(counters_mu_);
+  return counters_;
+}
+
+}  // namespace dtrain::paramserver

@@ -1,0 +1,365 @@
+// The shard plan and the server-side optimizers (checked against LibTorch's
+// optimizers, which the trainer uses in sync mode).
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <map>
+#include <random>
+#include <thread>
+
+#include "dtrain/paramserver/shard.h"
+
+#include "dtrain/paramserver/optimizer.h"
+#include "dtrain/paramserver/sharding.h"
+
+namespace dtrain::paramserver {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::vector<ParamSpec> ResnetLikeParams() {
+  // Sizes of the default embedder's tensors, plus an ArcFace class weight.
+  std::vector<ParamSpec> p;
+  const std::vector<std::pair<const char*, int64_t>> sizes = {
+      {"layers.0.conv.weight", 288},      {"layers.0.bn.weight", 32},        {"layers.0.bn.bias", 32},
+      {"layers.1.conv1.weight", 18432},   {"layers.1.conv2.weight", 36864},  {"layers.1.bn1.weight", 64},
+      {"layers.2.conv1.weight", 73728},   {"layers.2.conv2.weight", 147456}, {"layers.2.bn1.weight", 128},
+      {"layers.3.fc.weight", 16384},      {"layers.3.fc.bias", 128},         {"loss.weight", 1280},
+  };
+  for (auto [n, k] : sizes) p.push_back({n, k, 4});
+  return p;
+}
+
+TEST(ShardingTest, EveryElementOnceBalancedAndOrderIndependent) {
+  const std::vector<ParamSpec> params = ResnetLikeParams();
+  for (int shards : {1, 2, 3, 4}) {
+    SCOPED_TRACE(shards);
+    ShardPlan plan;
+    ASSERT_TRUE(PlanShards(params, shards, &plan).ok());
+    ASSERT_EQ(plan.shards.size(), static_cast<size_t>(shards));
+    // Coverage: each tensor's slices tile [0, numel) exactly once.
+    std::map<std::string, std::vector<std::pair<int64_t, int64_t>>> covered;
+    for (const auto& slices : plan.shards) {
+      for (const ParamSlice& s : slices) covered[s.name].emplace_back(s.offset, s.length);
+    }
+    for (const ParamSpec& p : params) {
+      auto& v = covered[p.name];
+      std::sort(v.begin(), v.end());
+      int64_t next = 0;
+      for (auto [off, len] : v) {
+        EXPECT_EQ(off, next) << p.name;
+        EXPECT_GT(len, 0);
+        next = off + len;
+      }
+      EXPECT_EQ(next, p.numel) << p.name;
+    }
+    // Balance: the largest conv weight alone is half the model; splitting
+    // keeps every shard within 5% of the mean (the bound is 25%).
+    EXPECT_LE(plan.Imbalance(), 1.05);
+    // The same plan whatever order the parameters come in.
+    std::vector<ParamSpec> shuffled = params;
+    std::mt19937 rng(3);
+    std::shuffle(shuffled.begin(), shuffled.end(), rng);
+    ShardPlan again;
+    ASSERT_TRUE(PlanShards(shuffled, shards, &again).ok());
+    for (int s = 0; s < shards; ++s) {
+      ASSERT_EQ(again.shards[s].size(), plan.shards[s].size());
+      for (size_t i = 0; i < plan.shards[s].size(); ++i) {
+        EXPECT_EQ(again.shards[s][i].name, plan.shards[s][i].name);
+        EXPECT_EQ(again.shards[s][i].offset, plan.shards[s][i].offset);
+        EXPECT_EQ(again.shards[s][i].length, plan.shards[s][i].length);
+      }
+    }
+  }
+}
+
+TEST(ShardingTest, BadInputIsRefused) {
+  ShardPlan plan;
+  EXPECT_EQ(PlanShards(ResnetLikeParams(), 0, &plan).code(), Status::Code::kInvalidArgument);
+  Status st = PlanShards({{"a", 4, 4}, {"a", 8, 4}}, 2, &plan);
+  EXPECT_EQ(st.code(), Status::Code::kInvalidArgument);
+  EXPECT_THAT(st.message(), HasSubstr("'a' is listed twice"));
+  EXPECT_EQ(PlanShards({{"", 4, 4}}, 2, &plan).code(), Status::Code::kInvalidArgument);
+  EXPECT_EQ(PlanShards({{"z", 0, 4}}, 2, &plan).code(), Status::Code::kInvalidArgument);
+  // More shards than elements: some shards are empty, nothing breaks.
+  ASSERT_TRUE(PlanShards({{"tiny", 2, 4}}, 4, &plan).ok());
+  int64_t total = 0;
+  for (int64_t b : plan.shard_bytes) total += b;
+  EXPECT_EQ(total, 8);
+}
+
+// Runs `steps` updates with the server optimizer (on two slices of one
+// tensor, as a split tensor is updated on two shards) and with LibTorch's,
+// on the same gradients and learning rates.
+void ExpectSameAsTorch(const OptimizerConfig& config) {
+  torch::manual_seed(5);
+  const int64_t n = 1000;
+  torch::Tensor p = torch::randn({n});
+  std::vector<float> mine(p.data_ptr<float>(), p.data_ptr<float>() + n);
+  torch::Tensor ref = p.clone().set_requires_grad(true);
+  std::unique_ptr<torch::optim::Optimizer> opt;
+  if (config.kind() == OptimizerConfig::ADAMW) {
+    opt = std::make_unique<torch::optim::AdamW>(
+        std::vector<torch::Tensor>{ref}, torch::optim::AdamWOptions(config.lr())
+                                              .betas({config.beta1(), config.beta2()})
+                                              .eps(config.eps())
+                                              .weight_decay(config.weight_decay()));
+  } else {
+    opt = std::make_unique<torch::optim::SGD>(std::vector<torch::Tensor>{ref}, torch::optim::SGDOptions(config.lr())
+                                                                                 .momentum(config.momentum())
+                                                                                 .nesterov(config.nesterov())
+                                                                                 .weight_decay(config.weight_decay()));
+  }
+  ServerOptimizer server;
+  ASSERT_TRUE(ServerOptimizer::Create(config, &server).ok());
+  SlotState a, b;  // the two slices [0, 600) and [600, 1000)
+  for (int step = 0; step < 20; ++step) {
+    const double lr = config.lr() * (1.0 - step / 40.0);  // a decaying schedule
+    torch::Tensor g = torch::randn({n});
+    for (auto& group : opt->param_groups()) group.options().set_lr(lr);
+    ref.mutable_grad() = g.clone();
+    opt->step();
+    server.Apply(mine.data(), g.data_ptr<float>(), 600, lr, &a);
+    server.Apply(mine.data() + 600, g.data_ptr<float>() + 600, 400, lr, &b);
+  }
+  const float* r = ref.data_ptr<float>();
+  double max_diff = 0;
+  for (int64_t i = 0; i < n; ++i) max_diff = std::max(max_diff, std::abs(double(mine[i]) - double(r[i])));
+  EXPECT_LT(max_diff, 1e-5) << "after 20 steps";
+  EXPECT_EQ(a.step, 20);
+}
+
+TEST(ServerOptimizerTest, SgdNesterovMatchesTorch) {
+  OptimizerConfig c;
+  c.set_kind(OptimizerConfig::SGD);
+  c.set_lr(0.1f);
+  c.set_momentum(0.9f);
+  c.set_nesterov(true);
+  c.set_weight_decay(5e-4f);
+  ExpectSameAsTorch(c);
+}
+
+TEST(ServerOptimizerTest, SgdPlainMomentumMatchesTorch) {
+  OptimizerConfig c;
+  c.set_kind(OptimizerConfig::SGD);
+  c.set_lr(0.05f);
+  c.set_momentum(0.8f);
+  c.set_nesterov(false);
+  c.set_weight_decay(0);
+  ExpectSameAsTorch(c);
+}
+
+TEST(ServerOptimizerTest, AdamWMatchesTorch) {
+  OptimizerConfig c;
+  c.set_kind(OptimizerConfig::ADAMW);
+  c.set_lr(1e-3f);
+  c.set_weight_decay(0.01f);
+  ExpectSameAsTorch(c);
+}
+
+TEST(ServerOptimizerTest, BadSettingsAreNamedAndSlotsMatchCheckpointNames) {
+  ServerOptimizer s;
+  OptimizerConfig c;
+  c.set_kind(OptimizerConfig::ADAMW);
+  c.set_beta2(1.0f);
+  Status st = ServerOptimizer::Create(c, &s);
+  EXPECT_EQ(st.code(), Status::Code::kInvalidArgument);
+  EXPECT_THAT(st.message(), HasSubstr("optimizer.beta2"));
+  c.set_beta2(0.999f);
+  ASSERT_TRUE(ServerOptimizer::Create(c, &s).ok());
+  EXPECT_EQ(s.SlotNames(), (std::vector<std::string>{"exp_avg", "exp_avg_sq", "step"}));
+  OptimizerConfig sgd;
+  sgd.set_nesterov(false);
+  sgd.set_lr(-1);
+  EXPECT_THAT(ServerOptimizer::Create(sgd, &s).message(), HasSubstr("optimizer.lr"));
+  sgd.set_lr(0.1f);
+  ASSERT_TRUE(ServerOptimizer::Create(sgd, &s).ok());
+  EXPECT_EQ(s.SlotNames(), (std::vector<std::string>{"momentum_buffer"}));
+}
+
+}  // namespace
+}  // namespace dtrain::paramserver
+
+namespace dtrain::paramserver {
+namespace {
+
+// Two shards of a plan over two tensors; values start at 1.0.
+struct TwoShards {
+  ShardPlan plan;
+  std::vector<std::unique_ptr<ParameterShard>> shards;
+  std::map<std::string, std::vector<float>> init;
+
+  explicit TwoShards(const ShardOptions& base, const std::vector<ParamSpec>& params = {{"w", 600, 4}, {"b", 40, 4}}) {
+    EXPECT_TRUE(PlanShards(params, 2, &plan).ok());
+    for (const ParamSpec& p : params) init[p.name].assign(static_cast<size_t>(p.numel), 1.0f);
+    for (int s = 0; s < 2; ++s) {
+      ShardOptions o = base;
+      o.shard = s;
+      o.slices = plan.shards[s];
+      std::unique_ptr<ParameterShard> shard;
+      EXPECT_TRUE(ParameterShard::Create(o, &shard).ok());
+      std::vector<SliceView> views;
+      for (const ParamSlice& sl : plan.shards[s]) views.push_back({sl.name, sl.offset, sl.length, init[sl.name].data() + sl.offset});
+      EXPECT_TRUE(shard->Initialize(views, 0).ok());
+      shards.push_back(std::move(shard));
+    }
+  }
+  // The gradient views of shard s, taken from full per-tensor gradients.
+  std::vector<SliceView> Grads(int s, const std::map<std::string, std::vector<float>>& g) const {
+    std::vector<SliceView> v;
+    for (const ParamSlice& sl : plan.shards[s]) v.push_back({sl.name, sl.offset, sl.length, g.at(sl.name).data() + sl.offset});
+    return v;
+  }
+  std::map<std::string, std::vector<float>> Values() const {
+    std::map<std::string, std::vector<float>> out = init;
+    for (const auto& sh : shards) {
+      std::vector<SliceValues> vals;
+      int64_t version = 0;
+      EXPECT_TRUE(sh->Pull(-1, &vals, &version).ok());
+      for (const SliceValues& v : vals) std::copy(v.data.begin(), v.data.end(), out[v.name].begin() + v.offset);
+    }
+    return out;
+  }
+};
+
+ShardOptions SgdOptions(int max_staleness) {
+  ShardOptions o;
+  o.optimizer.set_kind(OptimizerConfig::SGD);
+  o.optimizer.set_lr(0.1f);
+  o.optimizer.set_momentum(0.9f);
+  o.optimizer.set_nesterov(true);
+  o.optimizer.set_weight_decay(5e-4f);
+  o.max_staleness = max_staleness;
+  o.lr_at = [](int64_t v) { return 0.1 / (1.0 + 0.1 * v); };  // a schedule by global step
+  return o;
+}
+
+TEST(ParameterShardTest, SequentialPushesEqualLocalTraining) {
+  // tau = 0, one worker: every push is computed on the current version, and
+  // the shards together equal LibTorch's SGD on the whole tensors.
+  TwoShards ps(SgdOptions(0));
+  torch::manual_seed(11);
+  torch::Tensor w = torch::ones({600}).set_requires_grad(true), b = torch::ones({40}).set_requires_grad(true);
+  torch::optim::SGD sgd({w, b}, torch::optim::SGDOptions(0.1).momentum(0.9).nesterov(true).weight_decay(5e-4));
+  for (int step = 0; step < 10; ++step) {
+    torch::Tensor gw = torch::randn({600}), gb = torch::randn({40});
+    std::map<std::string, std::vector<float>> g = {
+        {"w", std::vector<float>(gw.data_ptr<float>(), gw.data_ptr<float>() + 600)},
+        {"b", std::vector<float>(gb.data_ptr<float>(), gb.data_ptr<float>() + 40)}};
+    for (auto& group : sgd.param_groups()) group.options().set_lr(0.1 / (1.0 + 0.1 * step));
+    w.mutable_grad() = gw;
+    b.mutable_grad() = gb;
+    sgd.step();
+    for (int s = 0; s < 2; ++s) {
+      PushResult r;
+      ASSERT_TRUE(ps.shards[s]->Push(step, ps.Grads(s, g), &r).ok());
+      EXPECT_EQ(r.version, step + 1);
+      EXPECT_EQ(r.staleness, 0);
+    }
+  }
+  const auto values = ps.Values();
+  for (int64_t i = 0; i < 600; ++i) EXPECT_NEAR(values.at("w")[i], w.data_ptr<float>()[i], 1e-5) << i;
+  for (int64_t i = 0; i < 40; ++i) EXPECT_NEAR(values.at("b")[i], b.data_ptr<float>()[i], 1e-5) << i;
+}
+
+TEST(ParameterShardTest, StalenessBoundIsEnforcedAndCounted) {
+  TwoShards ps(SgdOptions(2));
+  std::map<std::string, std::vector<float>> g = {{"w", std::vector<float>(600, 0.5f)}, {"b", std::vector<float>(40, 0.5f)}};
+  ParameterShard& s0 = *ps.shards[0];
+  PushResult r;
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(s0.Push(i, ps.Grads(0, g), &r).ok());  // version 3
+  const auto before = ps.Values();
+  // Computed on version 0: 3 updates stale > 2: refused, nothing changes.
+  Status st = s0.Push(0, ps.Grads(0, g), &r);
+  EXPECT_EQ(st.code(), Status::Code::kAborted);
+  EXPECT_THAT(st.message(), HasSubstr("3 updates stale"));
+  EXPECT_EQ(s0.version(), 3);
+  EXPECT_EQ(ps.Values(), before);
+  // Computed on version 1: 2 stale, within the bound.
+  ASSERT_TRUE(s0.Push(1, ps.Grads(0, g), &r).ok());
+  EXPECT_EQ(r.staleness, 2);
+  const ShardCounters c = s0.counters();
+  EXPECT_EQ(c.applied, 4);
+  EXPECT_EQ(c.rejected_stale, 1);
+  EXPECT_EQ(c.staleness_histogram.at(0), 3);
+  EXPECT_EQ(c.staleness_histogram.at(2), 1);
+  // Pull since version 3 returns only what changed after it.
+  std::vector<SliceValues> changed;
+  int64_t version = 0;
+  ASSERT_TRUE(s0.Pull(4, &changed, &version).ok());
+  EXPECT_TRUE(changed.empty());
+  EXPECT_EQ(version, 4);
+  ASSERT_TRUE(s0.Pull(3, &changed, &version).ok());
+  EXPECT_EQ(changed.size(), ps.plan.shards[0].size());
+}
+
+TEST(ParameterShardTest, MalformedPushesChangeNothing) {
+  ShardOptions o = SgdOptions(10);
+  TwoShards ps(o);
+  ParameterShard& s0 = *ps.shards[0];
+  const auto before = ps.Values();
+  const ParamSlice first = ps.plan.shards[0][0];
+  std::vector<float> grad(static_cast<size_t>(first.length) + 5, 0.1f);
+  PushResult r;
+  auto expect_refused = [&](std::vector<SliceView> views, const char* text) {
+    Status st = s0.Push(0, views, &r);
+    EXPECT_EQ(st.code(), Status::Code::kInvalidArgument) << text;
+    EXPECT_THAT(st.message(), HasSubstr(text));
+  };
+  expect_refused({{"nope", 0, 4, grad.data()}}, "holds no slice 'nope'");
+  expect_refused({{first.name, first.offset, first.length + 5, grad.data()}}, "elements");
+  expect_refused({{first.name, first.offset, first.length, grad.data()}, {first.name, first.offset, first.length, grad.data()}},
+                 "appears twice");
+  grad[3] = std::nanf("");
+  expect_refused({{first.name, first.offset, first.length, grad.data()}}, "not finite at element");
+  expect_refused({{first.name, first.offset, first.length, grad.data()}}, "NONFINITE_REJECT");
+  EXPECT_EQ(s0.version(), 0);
+  EXPECT_EQ(ps.Values(), before);
+  EXPECT_EQ(s0.counters().rejected_invalid, 5);
+  // The skip policy drops the push and counts it.
+  o.nonfinite_policy = AsyncConfig::NONFINITE_SKIP;
+  TwoShards skip(o);
+  ASSERT_TRUE(skip.shards[0]->Push(0, {{first.name, first.offset, first.length, grad.data()}}, &r).ok());
+  EXPECT_TRUE(r.skipped);
+  EXPECT_EQ(skip.shards[0]->version(), 0);
+  EXPECT_EQ(skip.shards[0]->counters().skipped_nonfinite, 1);
+  EXPECT_EQ(skip.Values(), skip.init);
+  // Initialising with a partial set of slices is refused too.
+  EXPECT_EQ(s0.Initialize({}, 0).code(), Status::Code::kInvalidArgument);
+}
+
+TEST(ParameterShardTest, ConcurrentPushesAreAllApplied) {
+  ShardOptions o;
+  o.optimizer.set_kind(OptimizerConfig::SGD);
+  o.optimizer.set_momentum(0);
+  o.optimizer.set_nesterov(false);
+  o.optimizer.set_weight_decay(0);
+  o.optimizer.set_lr(0.01f);
+  o.max_staleness = 1000;
+  TwoShards ps(o);
+  std::map<std::string, std::vector<float>> g = {{"w", std::vector<float>(600, 1.0f)}, {"b", std::vector<float>(40, 1.0f)}};
+  std::vector<std::thread> workers;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < 4; ++t) {
+    workers.emplace_back([&] {
+      for (int i = 0; i < 50; ++i) {
+        for (int s = 0; s < 2; ++s) {
+          PushResult r;
+          if (!ps.shards[s]->Push(ps.shards[s]->version(), ps.Grads(s, g), &r).ok()) ++failures;
+        }
+      }
+    });
+  }
+  for (auto& t : workers) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  for (const auto& s : ps.shards) EXPECT_EQ(s->version(), 200);
+  // No update lost: 200 steps of -0.01 each.
+  for (const auto& [name, v] : ps.Values()) {
+    for (float x : v) EXPECT_NEAR(x, 1.0f - 200 * 0.01f, 1e-4) << name;
+  }
+}
+
+}  // namespace
+}  // namespace dtrain::paramserver
