@@ -158,6 +158,11 @@ Status ParameterShard::Pull(int64_t since_version, std::vector<SliceValues>* out
   return Status::OK();
 }
 
+int64_t ParameterShard::SliceLength(const std::string& name, int64_t offset) const {
+  auto it = slots_.find({name, offset});
+  return it == slots_.end() ? -1 : it->second->slice.length;
+}
+
 ShardCounters ParameterShard::counters() const {
   std::lock_guard<std::mutex> lock(counters_mu_);
   return counters_;

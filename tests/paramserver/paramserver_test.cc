@@ -11,7 +11,16 @@
 
 #include "dtrain/paramserver/shard.h"
 
+#include <grpcpp/grpcpp.h>
+
+#include <limits>
+
+#include "dtrain/common/half.h"
+#include "dtrain/common/rpc.h"
+#include "dtrain/paramserver.grpc.pb.h"
 #include "dtrain/paramserver/optimizer.h"
+#include "dtrain/paramserver/service.h"
+#include "dtrain/paramserver/wire.h"
 #include "dtrain/paramserver/sharding.h"
 
 namespace dtrain::paramserver {
@@ -359,6 +368,240 @@ TEST(ParameterShardTest, ConcurrentPushesAreAllApplied) {
   for (const auto& [name, v] : ps.Values()) {
     for (float x : v) EXPECT_NEAR(x, 1.0f - 200 * 0.01f, 1e-4) << name;
   }
+}
+
+}  // namespace
+}  // namespace dtrain::paramserver
+
+namespace dtrain::paramserver {
+namespace {
+
+TEST(HalfTest, ConversionsMatchLibTorchBitForBit) {
+  // Every fp16 and bf16 pattern to float.
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const c10::Half ch(static_cast<uint16_t>(h), c10::Half::from_bits());
+    const float want = static_cast<float>(ch);
+    const float got = half::Fp16ToFloat(static_cast<uint16_t>(h));
+    if (std::isnan(want)) {
+      EXPECT_TRUE(std::isnan(got)) << h;
+    } else {
+      EXPECT_EQ(half::Bits(got), half::Bits(want)) << h;
+    }
+    c10::BFloat16 cb;
+    cb.x = static_cast<uint16_t>(h);
+    const float wb = static_cast<float>(cb);
+    if (!std::isnan(wb)) EXPECT_EQ(half::Bits(half::Bf16ToFloat(static_cast<uint16_t>(h))), half::Bits(wb)) << h;
+  }
+  // Floats to fp16 / bf16: random bit patterns, and the edges.
+  std::mt19937 rng(9);
+  std::vector<float> values = {0.f, -0.f, 1.f, 65504.f, 65519.f, 65520.f, 1e-8f, 5.96e-8f, 2.98e-8f, 6.1e-5f,
+                               std::numeric_limits<float>::infinity(), 3.4e38f};
+  for (int i = 0; i < 200000; ++i) values.push_back(half::FromBits(rng()));
+  for (float f : values) {
+    if (std::isnan(f)) continue;
+    EXPECT_EQ(half::FloatToFp16(f), c10::Half(f).x) << f;
+    EXPECT_EQ(half::FloatToBf16(f), c10::BFloat16(f).x) << f;
+  }
+  EXPECT_TRUE(std::isnan(half::Fp16ToFloat(half::FloatToFp16(std::nanf("")))));
+  EXPECT_TRUE(std::isnan(half::Bf16ToFloat(half::FloatToBf16(std::nanf("")))));
+}
+
+// Two shard servers on loopback and a client.
+class PsServiceTest : public ::testing::Test {
+ protected:
+  void Start(int max_message_bytes = 64 << 20, int max_staleness = 4) {
+    params_ = {{"w", 3000, 4}, {"b", 50, 4}, {"c", 700, 4}};
+    ASSERT_TRUE(PlanShards(params_, 2, &plan_).ok());
+    for (int s = 0; s < 2; ++s) {
+      PsServerOptions o;
+      o.shard = SgdOptions(max_staleness);
+      o.shard.shard = s;
+      o.shard.slices = plan_.shards[s];
+      o.token = "job-token";
+      o.max_message_bytes = max_message_bytes;
+      o.chunk_bytes = 1000;  // many chunks per slice
+      std::unique_ptr<PsServer> server;
+      ASSERT_TRUE(PsServer::Start(o, &server).ok());
+      addresses_.push_back("127.0.0.1:" + std::to_string(server->port()));
+      servers_.push_back(std::move(server));
+    }
+    for (const ParamSpec& p : params_) values_[p.name].assign(static_cast<size_t>(p.numel), 0.25f);
+  }
+  std::unique_ptr<PsClient> Client(Compression enc = COMPRESSION_NONE, const std::string& token = "job-token") {
+    PsClientOptions o;
+    o.addresses = addresses_;
+    o.token = token;
+    o.plan = plan_;
+    o.encoding = enc;
+    o.chunk_bytes = 1000;
+    std::unique_ptr<PsClient> c;
+    EXPECT_TRUE(PsClient::Connect(o, &c).ok());
+    return c;
+  }
+  ConstTensors Const(const std::map<std::string, std::vector<float>>& m) {
+    ConstTensors out;
+    for (const auto& [k, v] : m) out[k] = v.data();
+    return out;
+  }
+  Tensors Mutable(std::map<std::string, std::vector<float>>& m) {
+    Tensors out;
+    for (auto& [k, v] : m) out[k] = v.data();
+    return out;
+  }
+
+  std::vector<ParamSpec> params_;
+  ShardPlan plan_;
+  std::vector<std::unique_ptr<PsServer>> servers_;
+  std::vector<std::string> addresses_;
+  std::map<std::string, std::vector<float>> values_;
+};
+
+TEST_F(PsServiceTest, InitPushPullMatchTheShardsInProcess) {
+  Start();
+  auto client = Client();
+  ASSERT_TRUE(client->Init(Const(values_), 0).ok());
+  std::map<std::string, std::vector<float>> pulled = values_;
+  for (auto& [k, v] : pulled) std::fill(v.begin(), v.end(), -1.f);
+  ASSERT_TRUE(client->Pull(Mutable(pulled)).ok());
+  EXPECT_EQ(pulled, values_);
+  EXPECT_EQ(client->versions(), (std::vector<int64_t>{0, 0}));
+  // Three pushes; a local twin of the two shards gets the same gradients.
+  TwoShards twin(SgdOptions(4), params_);
+  for (auto& [k, v] : twin.init) std::fill(v.begin(), v.end(), 0.25f);
+  for (int s = 0; s < 2; ++s) {
+    std::vector<SliceView> views;
+    for (const ParamSlice& sl : twin.plan.shards[s]) views.push_back({sl.name, sl.offset, sl.length, twin.init[sl.name].data() + sl.offset});
+    ASSERT_TRUE(twin.shards[s]->Initialize(views, 0).ok());
+  }
+  std::mt19937 rng(2);
+  std::normal_distribution<float> normal;
+  for (int step = 0; step < 3; ++step) {
+    std::map<std::string, std::vector<float>> g;
+    for (const ParamSpec& p : params_) {
+      auto& v = g[p.name];
+      for (int64_t i = 0; i < p.numel; ++i) v.push_back(normal(rng));
+    }
+    std::vector<PushReply> replies;
+    ASSERT_TRUE(client->Push(Const(g), &replies).ok());
+    EXPECT_EQ(replies[0].version(), step + 1);
+    EXPECT_EQ(replies[1].staleness(), step);  // the client pulled only at version 0
+    for (int s = 0; s < 2; ++s) {
+      PushResult r;
+      ASSERT_TRUE(twin.shards[s]->Push(0, twin.Grads(s, g), &r).ok());
+    }
+  }
+  ASSERT_TRUE(client->Pull(Mutable(pulled)).ok());
+  EXPECT_EQ(client->versions(), (std::vector<int64_t>{3, 3}));
+  EXPECT_EQ(pulled, twin.Values());  // bit for bit
+  // Nothing changed since: the next pull moves no data.
+  const int64_t before = client->bytes_pulled();
+  ASSERT_TRUE(client->Pull(Mutable(pulled)).ok());
+  EXPECT_EQ(client->bytes_pulled(), before);
+  // The staleness histogram is reported.
+  ShardInfo info;
+  ASSERT_TRUE(client->Info(0, &info).ok());
+  EXPECT_EQ(info.applied(), 3);
+  ASSERT_EQ(info.staleness_histogram_size(), 3);
+  EXPECT_EQ(info.staleness_histogram(2).staleness(), 2);
+}
+
+TEST_F(PsServiceTest, CompressedTransportRoundsLikeHalfPrecision) {
+  Start();
+  auto client = Client(COMPRESSION_BF16);
+  std::map<std::string, std::vector<float>> v = values_;
+  v["w"][7] = 1.2345678f;
+  ASSERT_TRUE(client->Init(Const(v), 0).ok());
+  std::map<std::string, std::vector<float>> pulled = values_;
+  ASSERT_TRUE(client->Pull(Mutable(pulled)).ok());
+  EXPECT_EQ(pulled["w"][7], half::Bf16ToFloat(half::FloatToBf16(half::Bf16ToFloat(half::FloatToBf16(1.2345678f)))));
+  EXPECT_NEAR(pulled["w"][7], 1.2345678f, 1.2345678f / 128);
+  // Half the bytes of float32 on the wire.
+  int64_t total = 0;
+  for (const ParamSpec& p : params_) total += p.numel;
+  EXPECT_EQ(client->bytes_pulled(), 2 * total);
+}
+
+TEST_F(PsServiceTest, WrongTokenAndMalformedPushesChangeNothing) {
+  Start(/*max_message_bytes=*/64 << 10);
+  auto client = Client();
+  ASSERT_TRUE(client->Init(Const(values_), 0).ok());
+  std::map<std::string, std::vector<float>> g = values_;
+  // Wrong or missing token: UNAUTHENTICATED, nothing applied.
+  auto intruder = Client(COMPRESSION_NONE, "not-the-token");
+  Status st = intruder->Push(Const(g), nullptr);
+  EXPECT_EQ(st.code(), Status::Code::kUnauthenticated);
+  ShardInfo info;
+  EXPECT_EQ(intruder->Info(0, &info).code(), Status::Code::kUnauthenticated);
+  auto stub = ParameterServer::NewStub(grpc::CreateChannel(addresses_[0], grpc::InsecureChannelCredentials()));
+  {
+    grpc::ClientContext ctx;  // no token at all
+    ShardInfo i;
+    EXPECT_EQ(stub->Info(&ctx, ShardInfoRequest(), &i).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  }
+  auto push_raw = [&](const std::vector<TensorChunk>& chunks) {
+    grpc::ClientContext ctx;
+    rpc::AttachJobToken(&ctx, "job-token");
+    PushReply reply;
+    auto w = stub->Push(&ctx, &reply);
+    PushRequest m;
+    m.set_base_version(0);
+    for (const TensorChunk& c : chunks) *m.add_chunks() = c;
+    w->Write(m);
+    w->WritesDone();
+    return w->Finish();
+  };
+  const ParamSlice sl = plan_.shards[0][0];
+  std::vector<float> data(static_cast<size_t>(sl.length), 1.f);
+  std::vector<TensorChunk> whole;
+  ChunkSlice(sl.name, sl.offset, data.data(), sl.length, COMPRESSION_NONE, 1 << 20, [&](TensorChunk&& c) { whole.push_back(c); });
+  TensorChunk unknown = whole[0];
+  unknown.set_name("nope");
+  TensorChunk wrong_length = whole[0];
+  wrong_length.set_length(sl.length + 1);
+  TensorChunk half_slice = whole[0];
+  half_slice.mutable_data()->resize(half_slice.data().size() / 2);
+  TensorChunk ragged = whole[0];
+  ragged.mutable_data()->resize(ragged.data().size() - 1);
+  for (const auto& [chunks, text] : std::vector<std::pair<std::vector<TensorChunk>, std::string>>{
+           {{unknown}, "no slice 'nope'"},
+           {{wrong_length}, "elements, the chunk says"},
+           {{half_slice}, "incomplete"},
+           {{ragged}, "whole number"},
+           {{whole[0], whole[0]}, "overlap"}}) {
+    grpc::Status gs = push_raw(chunks);
+    EXPECT_EQ(gs.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << text;
+    EXPECT_THAT(gs.error_message(), HasSubstr(text));
+  }
+  // A message over the limit is refused by gRPC before the handler sees it.
+  std::vector<float> big(100000, 1.f);
+  TensorChunk huge = whole[0];
+  huge.set_data(std::string(reinterpret_cast<const char*>(big.data()), big.size() * 4));
+  EXPECT_EQ(push_raw({huge}).error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  // None of it changed the shard.
+  EXPECT_EQ(servers_[0]->shard().version(), 0);
+  std::map<std::string, std::vector<float>> pulled = values_;
+  auto fresh = Client();
+  ASSERT_TRUE(fresh->Pull(Mutable(pulled)).ok());
+  EXPECT_EQ(pulled, values_);
+}
+
+TEST_F(PsServiceTest, StalePushIsRefusedAndTheWorkerRecoversByPulling) {
+  Start(64 << 20, /*max_staleness=*/0);
+  auto a = Client(), b = Client();
+  ASSERT_TRUE(a->Init(Const(values_), 0).ok());
+  std::map<std::string, std::vector<float>> pa = values_, pb = values_, g = values_;
+  ASSERT_TRUE(a->Pull(Mutable(pa)).ok());
+  ASSERT_TRUE(b->Pull(Mutable(pb)).ok());
+  ASSERT_TRUE(a->Push(Const(g), nullptr).ok());       // version 1
+  Status st = b->Push(Const(g), nullptr);              // computed on 0: stale under tau = 0
+  EXPECT_EQ(st.code(), Status::Code::kAborted);
+  EXPECT_THAT(st.message(), HasSubstr("pull and recompute"));
+  ASSERT_TRUE(b->Pull(Mutable(pb)).ok());
+  ASSERT_TRUE(b->Push(Const(g), nullptr).ok());       // now current
+  ShardInfo info;
+  ASSERT_TRUE(b->Info(1, &info).ok());
+  EXPECT_EQ(info.version(), 2);
+  EXPECT_EQ(info.rejected_stale(), 1);
 }
 
 }  // namespace

@@ -98,6 +98,11 @@ class ParameterShard {
   Status Push(int64_t base_version, const std::vector<SliceView>& grads, PushResult* result);
   Status Pull(int64_t since_version, std::vector<SliceValues>* out, int64_t* version) const;
 
+  // The length of this shard's slice (name, offset), or -1 when it has none.
+  int64_t SliceLength(const std::string& name, int64_t offset) const;
+  const std::vector<ParamSlice>& slices() const { return options_.slices; }
+  int shard() const { return options_.shard; }
+
   int64_t version() const { return version_.load(); }
   bool initialized() const { return initialized_.load(); }
   ShardCounters counters() const;

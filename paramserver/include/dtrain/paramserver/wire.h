@@ -1,0 +1,57 @@
+// Tensor slices on the wire (proto/dtrain/paramserver.proto TensorChunk):
+// float32, or fp16 / bf16 when the job asks for a compressed transport
+// (parallelism.async.transport), cut into chunks of at most chunk_bytes.
+//
+// Thread-safety: free functions share no state; a SliceAssembler is used by
+// one thread.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "dtrain/common/status.h"
+#include "dtrain/job.pb.h"
+#include "dtrain/paramserver.pb.h"
+#include "dtrain/paramserver/shard.h"
+
+namespace dtrain::paramserver {
+
+// Bytes per element of an encoding (4, or 2 for fp16/bf16).
+int64_t BytesPerElement(Compression encoding);
+
+// Appends the chunks of elements [0, length) of a slice, at most chunk_bytes
+// of data each, calling `emit` with each.
+void ChunkSlice(const std::string& name, int64_t offset, const float* data, int64_t length, Compression encoding,
+                int64_t chunk_bytes, const std::function<void(TensorChunk&&)>& emit);
+
+// Decodes a chunk's data into dst[0, n). InvalidArgument when the size is
+// not a whole number of elements.
+Status DecodeChunk(const TensorChunk& chunk, float* dst, int64_t* n);
+
+// Collects the chunks of one push (or init) into whole slices, checking each
+// against the shard's slices before allocating anything: an unknown slice, a
+// wrong length, a chunk outside its slice or overlapping another, or a slice
+// left incomplete is an InvalidArgument naming it.
+class SliceAssembler {
+ public:
+  // `length_of(name, offset)` returns the shard's slice length, or -1.
+  explicit SliceAssembler(std::function<int64_t(const std::string&, int64_t)> length_of);
+
+  Status Add(const TensorChunk& chunk);
+  // The assembled slices (views into this object's buffers).
+  Status Finish(std::vector<SliceView>* out) const;
+
+ private:
+  struct Buffer {
+    std::vector<float> data;
+    std::vector<std::pair<int64_t, int64_t>> filled;  // [begin, end) ranges
+  };
+  std::function<int64_t(const std::string&, int64_t)> length_of_;
+  std::map<std::pair<std::string, int64_t>, Buffer> buffers_;
+};
+
+}  // namespace dtrain::paramserver

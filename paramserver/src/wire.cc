@@ -1,0 +1,111 @@
+#include "dtrain/paramserver/wire.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "dtrain/common/half.h"
+
+namespace dtrain::paramserver {
+
+int64_t BytesPerElement(Compression encoding) { return encoding == COMPRESSION_NONE ? 4 : 2; }
+
+void ChunkSlice(const std::string& name, int64_t offset, const float* data, int64_t length, Compression encoding,
+                int64_t chunk_bytes, const std::function<void(TensorChunk&&)>& emit) {
+  const int64_t bpe = BytesPerElement(encoding);
+  const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / bpe);
+  for (int64_t begin = 0; begin < length || (length == 0 && begin == 0); begin += per_chunk) {
+    const int64_t n = std::min(per_chunk, length - begin);
+    TensorChunk c;
+    c.set_name(name);
+    c.set_offset(offset);
+    c.set_length(length);
+    c.set_chunk_offset(begin);
+    c.set_encoding(encoding);
+    std::string* bytes = c.mutable_data();
+    bytes->resize(static_cast<size_t>(n * bpe));
+    char* dst = bytes->data();
+    if (encoding == COMPRESSION_NONE) {
+      std::memcpy(dst, data + begin, static_cast<size_t>(n) * 4);
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const uint16_t h = encoding == COMPRESSION_FP16 ? half::FloatToFp16(data[begin + i]) : half::FloatToBf16(data[begin + i]);
+        std::memcpy(dst + 2 * i, &h, 2);
+      }
+    }
+    emit(std::move(c));
+    if (length == 0) break;
+  }
+}
+
+Status DecodeChunk(const TensorChunk& chunk, float* dst, int64_t* n) {
+  const int64_t bpe = BytesPerElement(chunk.encoding());
+  const int64_t size = static_cast<int64_t>(chunk.data().size());
+  if (size % bpe != 0) {
+    return Status::InvalidArgument("chunk of '" + chunk.name() + "' has " + std::to_string(size) +
+                                   " bytes, not a whole number of " + std::to_string(bpe) + "-byte elements");
+  }
+  *n = size / bpe;
+  const char* src = chunk.data().data();
+  if (chunk.encoding() == COMPRESSION_NONE) {
+    std::memcpy(dst, src, static_cast<size_t>(size));
+  } else {
+    for (int64_t i = 0; i < *n; ++i) {
+      uint16_t h;
+      std::memcpy(&h, src + 2 * i, 2);
+      dst[i] = chunk.encoding() == COMPRESSION_FP16 ? half::Fp16ToFloat(h) : half::Bf16ToFloat(h);
+    }
+  }
+  return Status::OK();
+}
+
+SliceAssembler::SliceAssembler(std::function<int64_t(const std::string&, int64_t)> length_of)
+    : length_of_(std::move(length_of)) {}
+
+Status SliceAssembler::Add(const TensorChunk& c) {
+  const std::string where = "'" + c.name() + "' at element " + std::to_string(c.offset());
+  const int64_t length = length_of_(c.name(), c.offset());
+  if (length < 0) return Status::InvalidArgument("no slice " + where + " on this shard (unknown tensor or another shard's part)");
+  if (c.length() != length) {
+    return Status::InvalidArgument("slice " + where + " has " + std::to_string(length) + " elements, the chunk says " +
+                                   std::to_string(c.length()));
+  }
+  if (c.encoding() != COMPRESSION_NONE && c.encoding() != COMPRESSION_FP16 && c.encoding() != COMPRESSION_BF16) {
+    return Status::InvalidArgument("slice " + where + ": unknown encoding");
+  }
+  const int64_t bpe = BytesPerElement(c.encoding());
+  const int64_t n = static_cast<int64_t>(c.data().size()) / bpe;
+  if (c.chunk_offset() < 0 || c.chunk_offset() + n > length) {
+    return Status::InvalidArgument("chunk [" + std::to_string(c.chunk_offset()) + ", " +
+                                   std::to_string(c.chunk_offset() + n) + ") lies outside slice " + where + " of " +
+                                   std::to_string(length) + " elements");
+  }
+  Buffer& b = buffers_[{c.name(), c.offset()}];
+  if (b.data.empty()) b.data.assign(static_cast<size_t>(length), 0.f);
+  for (const auto& [lo, hi] : b.filled) {
+    if (c.chunk_offset() < hi && lo < c.chunk_offset() + n) {
+      return Status::InvalidArgument("chunks of slice " + where + " overlap at element " +
+                                     std::to_string(std::max(lo, c.chunk_offset())));
+    }
+  }
+  int64_t got = 0;
+  DTRAIN_RETURN_IF_ERROR(DecodeChunk(c, b.data.data() + c.chunk_offset(), &got));
+  b.filled.emplace_back(c.chunk_offset(), c.chunk_offset() + got);
+  return Status::OK();
+}
+
+Status SliceAssembler::Finish(std::vector<SliceView>* out) const {
+  out->clear();
+  for (const auto& [key, b] : buffers_) {
+    int64_t covered = 0;
+    for (const auto& [lo, hi] : b.filled) covered += hi - lo;
+    if (covered != static_cast<int64_t>(b.data.size())) {
+      return Status::InvalidArgument("slice '" + key.first + "' at element " + std::to_string(key.second) +
+                                     " is incomplete: " + std::to_string(covered) + " of " +
+                                     std::to_string(b.data.size()) + " elements sent");
+    }
+    out->push_back(SliceView{key.first, key.second, static_cast<int64_t>(b.data.size()), b.data.data()});
+  }
+  return Status::OK();
+}
+
+}  // namespace dtrain::paramserver
