@@ -19,7 +19,7 @@ for n in "${names[@]}"; do
         OMP_NUM_THREADS=1 bash launch/mpirun.sh -n "$np" -- build/bin/bench_allreduce --out "bench/results/allreduce_np$np.json"
       done
       ;;
-    trainer_overhead | checkpoint | index) "build/bin/bench_$n" --out "bench/results/$n.json" ;;
+    trainer_overhead | checkpoint | index | paramserver) "build/bin/bench_$n" --out "bench/results/$n.json" ;;
     *)
       bin="build/bin/bench_$n"
       [[ -x "$bin" ]] || { echo "no $bin: run launch/build.sh first" >&2; exit 1; }

@@ -74,34 +74,28 @@ class Service final : public ParameterServer::Service {
   grpc::Status Pull(grpc::ServerContext* ctx, const PullRequest* req, grpc::ServerWriter<PullReply>* writer) override {
     grpc::Status auth = rpc::CheckJobToken(*ctx, options_.token);
     if (!auth.ok()) return auth;
-    std::vector<SliceValues> values;
-    int64_t version = 0;
-    Status st = shard_->Pull(req->since_version(), &values, &version);
-    if (!st.ok()) return rpc::ToGrpc(st);
-    PullReply out;
-    out.set_version(version);
+    // Chunks are cut straight from the slices under their locks (the one copy
+    // of the values) into messages; the messages are written after the locks
+    // are released, so a slow client never holds up pushes.
+    std::vector<PullReply> messages(1);
     int64_t bytes = 0;
-    bool sent = false;
-    auto flush = [&]() -> bool {
-      sent = true;
-      bool ok = writer->Write(out);
-      out.clear_chunks();
-      bytes = 0;
-      return ok;
-    };
-    for (const SliceValues& v : values) {
-      bool ok = true;
-      ChunkSlice(v.name, v.offset, v.data.data(), static_cast<int64_t>(v.data.size()), req->encoding(),
-                 options_.chunk_bytes, [&](TensorChunk&& c) {
-                   if (!ok) return;
-                   const int64_t size = static_cast<int64_t>(c.data().size());
-                   if (bytes > 0 && bytes + size > options_.chunk_bytes) ok = flush();
-                   bytes += size;
-                   *out.add_chunks() = std::move(c);
-                 });
-      if (!ok) return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+    int64_t version = 0;
+    Status st = shard_->VisitChanged(req->since_version(), &version, [&](const ParamSlice& s, const float* v) {
+      ChunkSlice(s.name, s.offset, v, s.length, req->encoding(), options_.chunk_bytes, [&](TensorChunk&& c) {
+        const int64_t size = static_cast<int64_t>(c.data().size());
+        if (bytes > 0 && bytes + size > options_.chunk_bytes) {
+          messages.emplace_back();
+          bytes = 0;
+        }
+        bytes += size;
+        *messages.back().add_chunks() = std::move(c);
+      });
+    });
+    if (!st.ok()) return rpc::ToGrpc(st);
+    for (PullReply& m : messages) {
+      m.set_version(version);
+      if (!writer->Write(m)) return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
     }
-    if (out.chunks_size() > 0 || !sent) flush();
     return grpc::Status::OK;
   }
 
@@ -163,9 +157,11 @@ Status PsServer::Start(const PsServerOptions& o, std::unique_ptr<PsServer>* out)
   b.RegisterService(s->impl_->service.get());
   b.SetMaxReceiveMessageSize(o.max_message_bytes);
   b.SetMaxSendMessageSize(o.max_message_bytes);
-  grpc::ResourceQuota quota("dtrain-ps");
-  quota.SetMaxThreads(std::max(2, o.threads + 1));
-  b.SetResourceQuota(quota);
+  // Threads polling for RPCs (parallelism.async.server_threads); gRPC adds
+  // threads for RPCs in flight as needed, so a burst of workers is queued,
+  // not refused.
+  b.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MIN_POLLERS, 1);
+  b.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, std::max(1, o.threads));
   s->impl_->server = b.BuildAndStart();
   if (!s->impl_->server || s->impl_->port == 0) return Status::Unavailable("cannot listen on " + addr);
   spdlog::info("parameter-server shard {} listening on {}:{} ({} slices)", o.shard.shard, o.bind_address,

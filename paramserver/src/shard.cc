@@ -146,16 +146,23 @@ Status ParameterShard::Push(int64_t base_version, const std::vector<SliceView>& 
   return Status::OK();
 }
 
-Status ParameterShard::Pull(int64_t since_version, std::vector<SliceValues>* out, int64_t* version) const {
+Status ParameterShard::VisitChanged(int64_t since_version, int64_t* version,
+                                    const std::function<void(const ParamSlice&, const float*)>& visit) const {
   if (!initialized_) return Status::FailedPrecondition("shard " + std::to_string(options_.shard) + " is not initialised");
-  out->clear();
   *version = version_.load();
   for (const auto& [key, slot] : slots_) {
     std::lock_guard<std::mutex> lock(slot->mu);
     if (since_version >= 0 && slot->changed_at <= since_version) continue;
-    out->push_back(SliceValues{slot->slice.name, slot->slice.offset, slot->values, slot->changed_at});
+    visit(slot->slice, slot->values.data());
   }
   return Status::OK();
+}
+
+Status ParameterShard::Pull(int64_t since_version, std::vector<SliceValues>* out, int64_t* version) const {
+  out->clear();
+  return VisitChanged(since_version, version, [&](const ParamSlice& s, const float* v) {
+    out->push_back(SliceValues{s.name, s.offset, std::vector<float>(v, v + s.length), 0});
+  });
 }
 
 int64_t ParameterShard::SliceLength(const std::string& name, int64_t offset) const {

@@ -390,7 +390,9 @@ TEST(HalfTest, ConversionsMatchLibTorchBitForBit) {
     c10::BFloat16 cb;
     cb.x = static_cast<uint16_t>(h);
     const float wb = static_cast<float>(cb);
-    if (!std::isnan(wb)) EXPECT_EQ(half::Bits(half::Bf16ToFloat(static_cast<uint16_t>(h))), half::Bits(wb)) << h;
+    if (!std::isnan(wb)) {
+      EXPECT_EQ(half::Bits(half::Bf16ToFloat(static_cast<uint16_t>(h))), half::Bits(wb)) << h;
+    }
   }
   // Floats to fp16 / bf16: random bit patterns, and the edges.
   std::mt19937 rng(9);

@@ -7,9 +7,10 @@
 // allocated) and then hand them to the ParameterShard in one call, so a
 // malformed or incomplete stream changes nothing; Pull streams the slices
 // changed since the given version, chunked below the message limit. gRPC's
-// synchronous server runs the handlers on its thread pool (sized by
-// parallelism.async.server_threads); the shard's per-slice locks let pulls and
-// pushes of different workers overlap.
+// synchronous server runs the handlers on its threads (pollers capped by
+// parallelism.async.server_threads, more threads while many RPCs are in
+// flight); the shard's per-slice locks let pulls and pushes of different
+// workers overlap.
 //
 // Client: one channel per shard; Push and Pull talk to every shard in
 // parallel (one thread per shard) and keep one version per shard.

@@ -97,6 +97,10 @@ class ParameterShard {
 
   Status Push(int64_t base_version, const std::vector<SliceView>& grads, PushResult* result);
   Status Pull(int64_t since_version, std::vector<SliceValues>* out, int64_t* version) const;
+  // As Pull, without the copy: `visit` sees each changed slice's values under
+  // its lock (it must not call back into the shard).
+  Status VisitChanged(int64_t since_version, int64_t* version,
+                      const std::function<void(const ParamSlice&, const float* values)>& visit) const;
 
   // The length of this shard's slice (name, offset), or -1 when it has none.
   int64_t SliceLength(const std::string& name, int64_t offset) const;

@@ -1,0 +1,238 @@
+// bench/paramserver: push + pull throughput of the parameter-server service on
+// loopback, beside a raw TCP transfer of the same bytes measured in the same
+// run.
+//
+// Model: --tensors float32 tensors of --tensor-mb MiB each (default 8 x 4 MiB).
+// One "update" is what an async worker does per step: push the gradients of
+// every tensor to the shards, then pull the parameters that changed. W
+// workers (threads, each with its own client) run U updates each against S
+// shard servers (in this process, each its own gRPC server); the shards run
+// SGD on every push. Throughput counts payload bytes both ways.
+//
+// Raw TCP: one connection per worker to a plain socket server on 127.0.0.1
+// that reads the push bytes and writes the pull bytes back, the same pattern
+// and sizes with no serialisation, no optimizer and no copies beyond the
+// kernel's. Goal (issue "Asynchronous parameter-server data parallelism"):
+// PS throughput >= 50% of raw TCP for 4 MB tensors.
+//
+//   build/bin/bench_paramserver [--tensors 8] [--tensor-mb 4] [--updates 10] [--out FILE]
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "dtrain/common/logging.h"
+#include "dtrain/paramserver/service.h"
+
+using namespace dtrain::paramserver;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+void Check(const dtrain::Status& st, const char* what) {
+  if (!st.ok()) {
+    std::fprintf(stderr, "bench_paramserver: %s: %s\n", what, st.ToString().c_str());
+    std::exit(1);
+  }
+}
+
+bool WriteAll(int fd, const char* p, size_t n) {
+  while (n > 0) {
+    ssize_t w = ::send(fd, p, n, 0);
+    if (w <= 0) return false;
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+  return true;
+}
+
+bool ReadAll(int fd, char* p, size_t n) {
+  while (n > 0) {
+    ssize_t r = ::recv(fd, p, n, 0);
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+// W connections; each does `updates` rounds of: send `bytes`, receive `bytes`.
+double RawTcpSeconds(int workers, int updates, size_t bytes) {
+  int listener = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  ::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  socklen_t len = sizeof addr;
+  ::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::listen(listener, workers);
+  std::vector<std::thread> servers;
+  for (int w = 0; w < workers; ++w) {
+    servers.emplace_back([&] {
+      int fd = ::accept(listener, nullptr, nullptr);
+      std::vector<char> buf(bytes);
+      for (int u = 0; u < updates; ++u) {
+        if (!ReadAll(fd, buf.data(), bytes) || !WriteAll(fd, buf.data(), bytes)) break;
+      }
+      ::close(fd);
+    });
+  }
+  std::vector<int> fds;
+  for (int w = 0; w < workers; ++w) {
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+    fds.push_back(fd);
+  }
+  const auto t0 = Clock::now();
+  std::vector<std::thread> clients;
+  for (int w = 0; w < workers; ++w) {
+    clients.emplace_back([&, w] {
+      std::vector<char> out(bytes, 1), in(bytes);
+      for (int u = 0; u < updates; ++u) {
+        if (!WriteAll(fds[w], out.data(), bytes) || !ReadAll(fds[w], in.data(), bytes)) break;
+      }
+    });
+  }
+  for (auto& t : clients) t.join();
+  const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+  for (int fd : fds) ::close(fd);
+  for (auto& t : servers) t.join();
+  ::close(listener);
+  return s;
+}
+
+struct Row {
+  int workers, shards;
+  double ps_mb_s, tcp_mb_s, updates_s;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"bench_paramserver: parameter-server push+pull throughput vs raw TCP on loopback", "bench_paramserver"};
+  int tensors = 8, updates = 10;
+  double tensor_mb = 4;
+  std::string out = "bench/results/paramserver.json";
+  app.add_option("--tensors", tensors, "tensors in the model")->capture_default_str();
+  app.add_option("--tensor-mb", tensor_mb, "MiB per tensor")->capture_default_str();
+  app.add_option("--updates", updates, "push+pull rounds per worker")->capture_default_str();
+  app.add_option("--out", out, "JSON output")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  dtrain::LoggingOptions lo;
+  lo.level = "warn";
+  Check(dtrain::InitLogging(lo), "logging");
+
+  const int64_t numel = static_cast<int64_t>(tensor_mb * (1 << 20) / 4);
+  std::vector<ParamSpec> specs;
+  std::map<std::string, std::vector<float>> values;
+  for (int t = 0; t < tensors; ++t) {
+    const std::string name = "layer" + std::to_string(t) + ".weight";
+    specs.push_back({name, numel, 4});
+    values[name].assign(static_cast<size_t>(numel), 0.01f * t);
+  }
+  const size_t model_bytes = static_cast<size_t>(tensors) * static_cast<size_t>(numel) * 4;
+  std::printf("bench/paramserver: %d tensors x %.1f MiB (%.1f MiB per push and per pull), %d updates per worker, "
+              "%u cores\n\n",
+              tensors, tensor_mb, model_bytes / 1048576.0, updates, std::thread::hardware_concurrency());
+  std::printf("%8s %7s %12s %12s %10s %10s\n", "workers", "shards", "PS MB/s", "TCP MB/s", "PS/TCP", "updates/s");
+  std::vector<Row> rows;
+  for (int shards : {1, 2}) {
+    for (int workers : {1, 2, 4}) {
+      ShardPlan plan;
+      Check(PlanShards(specs, shards, &plan), "plan");
+      std::vector<std::unique_ptr<PsServer>> servers;
+      std::vector<std::string> addresses;
+      for (int s = 0; s < shards; ++s) {
+        PsServerOptions o;
+        o.shard.shard = s;
+        o.shard.slices = plan.shards[s];
+        o.shard.optimizer.set_lr(0.01f);
+        o.shard.max_staleness = 1 << 20;
+        o.token = "bench";
+        o.threads = 4;
+        std::unique_ptr<PsServer> server;
+        Check(PsServer::Start(o, &server), "server");
+        addresses.push_back("127.0.0.1:" + std::to_string(server->port()));
+        servers.push_back(std::move(server));
+      }
+      std::vector<std::unique_ptr<PsClient>> clients;
+      std::vector<std::map<std::string, std::vector<float>>> params(static_cast<size_t>(workers), values);
+      for (int w = 0; w < workers; ++w) {
+        PsClientOptions co;
+        co.addresses = addresses;
+        co.token = "bench";
+        co.plan = plan;
+        std::unique_ptr<PsClient> c;
+        Check(PsClient::Connect(co, &c), "connect");
+        clients.push_back(std::move(c));
+      }
+      ConstTensors grads;
+      for (const auto& [k, v] : values) grads[k] = v.data();
+      Check(clients[0]->Init(grads, 0), "init");
+      for (int w = 0; w < workers; ++w) {
+        Tensors t;
+        for (auto& [k, v] : params[w]) t[k] = v.data();
+        Check(clients[w]->Pull(t), "first pull");
+      }
+      std::vector<int64_t> base_pushed(workers), base_pulled(workers);
+      for (int w = 0; w < workers; ++w) {
+        base_pushed[w] = clients[w]->bytes_pushed();
+        base_pulled[w] = clients[w]->bytes_pulled();
+      }
+      const auto t0 = Clock::now();
+      std::vector<std::thread> threads;
+      for (int w = 0; w < workers; ++w) {
+        threads.emplace_back([&, w] {
+          Tensors t;
+          for (auto& [k, v] : params[w]) t[k] = v.data();
+          for (int u = 0; u < updates; ++u) {
+            Check(clients[w]->Push(grads, nullptr), "push");
+            Check(clients[w]->Pull(t), "pull");
+          }
+        });
+      }
+      for (auto& t : threads) t.join();
+      const double ps_s = std::chrono::duration<double>(Clock::now() - t0).count();
+      int64_t moved = 0;
+      for (int w = 0; w < workers; ++w) {
+        moved += clients[w]->bytes_pushed() - base_pushed[w] + clients[w]->bytes_pulled() - base_pulled[w];
+      }
+      clients.clear();
+      for (auto& s : servers) s->Shutdown();
+      const double tcp_s = RawTcpSeconds(workers, updates, model_bytes);
+      const double tcp_bytes = 2.0 * workers * updates * static_cast<double>(model_bytes);
+      Row r{workers, shards, moved / ps_s / 1e6, tcp_bytes / tcp_s / 1e6, workers * updates / ps_s};
+      std::printf("%8d %7d %12.0f %12.0f %10.3f %10.2f\n", r.workers, r.shards, r.ps_mb_s, r.tcp_mb_s,
+                  r.ps_mb_s / r.tcp_mb_s, r.updates_s);
+      std::fflush(stdout);
+      rows.push_back(r);
+    }
+  }
+  nlohmann::ordered_json j;
+  j["bench"] = "paramserver";
+  j["tensors"] = tensors;
+  j["tensor_mb"] = tensor_mb;
+  j["updates_per_worker"] = updates;
+  j["cores"] = std::thread::hardware_concurrency();
+  for (const Row& r : rows) {
+    j["rows"].push_back({{"workers", r.workers}, {"shards", r.shards}, {"ps_mb_per_s", r.ps_mb_s},
+                         {"tcp_mb_per_s", r.tcp_mb_s}, {"ps_over_tcp", r.ps_mb_s / r.tcp_mb_s},
+                         {"updates_per_s", r.updates_s}});
+  }
+  std::filesystem::create_directories(std::filesystem::path(out).parent_path());
+  std::ofstream(out) << j.dump(2) << "\n";
+  std::printf("\nwritten to %s\n", out.c_str());
+  return 0;
+}
