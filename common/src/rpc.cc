@@ -1,5 +1,9 @@
 #include "dtrain/common/rpc.h"
 
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_builder.h>
+
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <random>
@@ -66,6 +70,34 @@ std::string NewJobToken() {
     out += buf;
   }
   return out;
+}
+
+Status StartServer(const ServerSetup& setup, grpc::Service* service, std::unique_ptr<grpc::Server>* server,
+                   int* port) {
+  grpc::ServerBuilder b;
+  const std::string addr = setup.bind_address + ":" + std::to_string(setup.port);
+  *port = 0;
+  b.AddListeningPort(addr, grpc::InsecureServerCredentials(), port);
+  b.RegisterService(service);
+  b.SetMaxReceiveMessageSize(setup.max_message_bytes);
+  b.SetMaxSendMessageSize(setup.max_message_bytes);
+  for (const auto& [key, value] : setup.int_args) b.AddChannelArgument(key, value);
+  if (setup.max_pollers > 0) {
+    b.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MIN_POLLERS, 1);
+    b.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, setup.max_pollers);
+  }
+  *server = b.BuildAndStart();
+  if (!*server || *port == 0) {
+    server->reset();
+    return Status::Unavailable("cannot listen on " + addr + " (address in use, or not an address of this machine?)");
+  }
+  return Status::OK();
+}
+
+void StopServer(std::unique_ptr<grpc::Server>* server) {
+  if (!*server) return;
+  (*server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  server->reset();
 }
 
 grpc::Status ToGrpc(const Status& status) {

@@ -121,14 +121,11 @@ Status IndexerServer::Start(const IndexerServerOptions& o, std::unique_ptr<Index
   s->impl_ = std::make_unique<Impl>();
   s->impl_->service = std::make_unique<Service>(o);
   if (!o.index_dir.empty()) DTRAIN_RETURN_IF_ERROR(s->impl_->service->Serve(o.index_dir));
-  grpc::ServerBuilder b;
-  const std::string addr = o.bind_address + ":" + std::to_string(o.port);
-  b.AddListeningPort(addr, grpc::InsecureServerCredentials(), &s->impl_->port);
-  b.RegisterService(s->impl_->service.get());
-  b.SetMaxReceiveMessageSize(o.max_message_bytes);
-  b.SetMaxSendMessageSize(o.max_message_bytes);
-  s->impl_->server = b.BuildAndStart();
-  if (!s->impl_->server || s->impl_->port == 0) return Status::Unavailable("cannot listen on " + addr);
+  rpc::ServerSetup setup;
+  setup.bind_address = o.bind_address;
+  setup.port = o.port;
+  setup.max_message_bytes = o.max_message_bytes;
+  DTRAIN_RETURN_IF_ERROR(rpc::StartServer(setup, s->impl_->service.get(), &s->impl_->server, &s->impl_->port));
   spdlog::info("dtrain-indexer listening on {}:{}", o.bind_address, s->impl_->port);
   *out = std::move(s);
   return Status::OK();
@@ -136,14 +133,8 @@ Status IndexerServer::Start(const IndexerServerOptions& o, std::unique_ptr<Index
 
 int IndexerServer::port() const { return impl_ ? impl_->port : 0; }
 
-void IndexerServer::Wait() {
-  if (impl_ && impl_->server) impl_->server->Wait();
-}
-
 void IndexerServer::Shutdown() {
-  if (impl_ && impl_->server) {
-    impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  }
+  if (impl_) rpc::StopServer(&impl_->server);
 }
 
 }  // namespace dtrain::indexer

@@ -14,6 +14,15 @@
 namespace dtrain::paramserver {
 namespace {
 
+// HTTP/2 settings for streams of megabytes: a large flow-control look-ahead
+// and frames, so one stream is not throttled to gRPC's 64 KiB defaults
+// (bench/paramserver measures the effect).
+std::vector<std::pair<std::string, int>> LargeTransferArgs() {
+  return {{GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 16 << 20},
+          {GRPC_ARG_HTTP2_MAX_FRAME_SIZE, (16 << 20) - 1},
+          {GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, 8 << 20}};
+}
+
 class Service final : public ParameterServer::Service {
  public:
   Service(const PsServerOptions& o, std::unique_ptr<ParameterShard> shard) : options_(o), shard_(std::move(shard)) {}
@@ -151,19 +160,15 @@ Status PsServer::Start(const PsServerOptions& o, std::unique_ptr<PsServer>* out)
   std::unique_ptr<PsServer> s(new PsServer());
   s->impl_ = std::make_unique<Impl>();
   s->impl_->service = std::make_unique<Service>(o, std::move(shard));
-  grpc::ServerBuilder b;
-  const std::string addr = o.bind_address + ":" + std::to_string(o.port);
-  b.AddListeningPort(addr, grpc::InsecureServerCredentials(), &s->impl_->port);
-  b.RegisterService(s->impl_->service.get());
-  b.SetMaxReceiveMessageSize(o.max_message_bytes);
-  b.SetMaxSendMessageSize(o.max_message_bytes);
-  // Threads polling for RPCs (parallelism.async.server_threads); gRPC adds
-  // threads for RPCs in flight as needed, so a burst of workers is queued,
-  // not refused.
-  b.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MIN_POLLERS, 1);
-  b.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, std::max(1, o.threads));
-  s->impl_->server = b.BuildAndStart();
-  if (!s->impl_->server || s->impl_->port == 0) return Status::Unavailable("cannot listen on " + addr);
+  rpc::ServerSetup setup;
+  setup.bind_address = o.bind_address;
+  setup.port = o.port;
+  setup.max_message_bytes = o.max_message_bytes;
+  // Pollers: parallelism.async.server_threads; gRPC adds threads for RPCs in
+  // flight, so a burst of workers is queued, not refused.
+  setup.max_pollers = std::max(1, o.threads);
+  setup.int_args = LargeTransferArgs();
+  DTRAIN_RETURN_IF_ERROR(rpc::StartServer(setup, s->impl_->service.get(), &s->impl_->server, &s->impl_->port));
   spdlog::info("parameter-server shard {} listening on {}:{} ({} slices)", o.shard.shard, o.bind_address,
                s->impl_->port, o.shard.slices.size());
   *out = std::move(s);
@@ -175,10 +180,7 @@ int PsServer::port() const { return impl_ ? impl_->port : 0; }
 ParameterShard& PsServer::shard() { return impl_->service->shard(); }
 
 void PsServer::Shutdown() {
-  if (impl_ && impl_->server) {
-    impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    impl_->server.reset();
-  }
+  if (impl_) rpc::StopServer(&impl_->server);
 }
 
 // ---- client ---------------------------------------------------------------------------
@@ -238,6 +240,7 @@ Status PsClient::Connect(const PsClientOptions& o, std::unique_ptr<PsClient>* ou
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(o.max_message_bytes);
   args.SetMaxSendMessageSize(o.max_message_bytes);
+  for (const auto& [key, value] : LargeTransferArgs()) args.SetInt(key, value);
   for (const std::string& a : o.addresses) {
     c->impl_->stubs.push_back(
         ParameterServer::NewStub(grpc::CreateCustomChannel(a, grpc::InsecureChannelCredentials(), args)));

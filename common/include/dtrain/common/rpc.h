@@ -12,10 +12,14 @@
 #pragma once
 
 #include <grpcpp/client_context.h>
+#include <grpcpp/server.h>
 #include <grpcpp/server_context.h>
 #include <grpcpp/support/status.h>
 
+#include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "dtrain/common/status.h"
 
@@ -39,6 +43,27 @@ Status LoadJobToken(const std::string& token_file, std::string* token);
 
 // A fresh random token (32 hex digits from std::random_device).
 std::string NewJobToken();
+
+// How a dtrain service listens (both dtrain-indexer and dtrain-ps use it).
+struct ServerSetup {
+  std::string bind_address = "127.0.0.1";
+  int port = 0;  // 0: pick a free one
+  int max_message_bytes = 64 << 20;
+  // Threads polling for RPCs (0: gRPC's default); gRPC adds threads while
+  // many RPCs are in flight.
+  int max_pollers = 0;
+  // Extra integer channel arguments (e.g. HTTP/2 window sizes).
+  std::vector<std::pair<std::string, int>> int_args;
+};
+
+// Builds and starts a synchronous gRPC server for `service` (which must
+// outlive it). Unavailable naming the address when it cannot listen.
+Status StartServer(const ServerSetup& setup, grpc::Service* service, std::unique_ptr<grpc::Server>* server,
+                   int* port);
+
+// Shuts the server down, letting RPCs in flight finish for up to 5 s; a
+// second call does nothing.
+void StopServer(std::unique_ptr<grpc::Server>* server);
 
 // dtrain::Status <-> grpc::Status, keeping the code and the message.
 grpc::Status ToGrpc(const Status& status);

@@ -35,8 +35,7 @@ class IndexerServer {
   ~IndexerServer();
   static Status Start(const IndexerServerOptions& options, std::unique_ptr<IndexerServer>* out);
   int port() const;
-  // Blocks until Shutdown.
-  void Wait();
+  // Stops accepting calls; calls in flight get up to 5 s to finish.
   void Shutdown();
 
  private:
