@@ -30,10 +30,14 @@ echo "== job config $CONFIG"
 echo
 echo "== training"
 "$DTRAIN" run "$CONFIG" "$@"
-RUN_DIR=$("$DTRAIN" config print "$CONFIG" "$@" | sed -n 's/^run_dir: "\(.*\)"$/\1/p')
-echo
-echo "== retrieval: the top-5 training images for four test images (* = same class as the query)"
-"$DTRAIN" index query "$RUN_DIR/index" --dataset test:0,1,2,3 -k 5
+RESOLVED=$("$DTRAIN" config print "$CONFIG" "$@")
+RUN_DIR=$(sed -n 's/^run_dir: "\(.*\)"$/\1/p' <<<"$RESOLVED")
+INDEX_DIR=$(sed -n 's/^  output_dir: "\(.*\)"$/\1/p' <<<"$RESOLVED")
+if grep -q "^  build_at_end: true" <<<"$RESOLVED"; then
+  echo
+  echo "== retrieval: the top-5 training images for four test images (* = same class as the query)"
+  "$DTRAIN" index query "$INDEX_DIR" --dataset test:0,1,2,3 -k 5
+fi
 echo
 echo "== the run"
 "$DTRAIN" status "$RUN_DIR"
