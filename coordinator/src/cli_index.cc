@@ -222,12 +222,21 @@ Status Query(const QueryArgs& a) {
     DTRAIN_RETURN_IF_ERROR(rpc::LoadJobToken(a.server.token_file, &token));
     auto stub = dtrain::IndexBuilder::NewStub(grpc::CreateChannel(a.server.server, grpc::InsecureChannelCredentials()));
     if (!a.index.empty()) {
-      grpc::ClientContext ctx;
-      rpc::AttachJobToken(&ctx, token);
-      LoadIndexRequest lr;
-      lr.set_index_dir(fs::absolute(a.index).string());
+      // Load INDEX unless the service already serves it (a load reopens the
+      // model and the FAISS file).
+      const std::string dir = fs::absolute(a.index).lexically_normal().string();
+      grpc::ClientContext info_ctx;
+      rpc::AttachJobToken(&info_ctx, token);
       IndexInfo info;
-      DTRAIN_RETURN_IF_ERROR(rpc::FromGrpc(stub->Load(&ctx, lr, &info), "IndexBuilder.Load at " + a.server.server));
+      DTRAIN_RETURN_IF_ERROR(
+          rpc::FromGrpc(stub->Info(&info_ctx, InfoRequest(), &info), "IndexBuilder.Info at " + a.server.server));
+      if (!info.loaded() || info.index_dir() != dir) {
+        grpc::ClientContext ctx;
+        rpc::AttachJobToken(&ctx, token);
+        LoadIndexRequest lr;
+        lr.set_index_dir(dir);
+        DTRAIN_RETURN_IF_ERROR(rpc::FromGrpc(stub->Load(&ctx, lr, &info), "IndexBuilder.Load at " + a.server.server));
+      }
     }
     grpc::ClientContext ctx;
     rpc::AttachJobToken(&ctx, token);

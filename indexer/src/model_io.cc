@@ -12,8 +12,8 @@
 #include "dtrain/common/config.h"
 #include "dtrain/common/crc32c.h"
 #include "dtrain/common/progress.h"
-#include "dtrain/data/transforms.h"
 #include "dtrain/models/registry.h"
+#include "dtrain/worker/evaluation.h"
 #include "dtrain/worker/trainer.h"
 
 namespace dtrain::indexer::internal {
@@ -84,7 +84,6 @@ Status EmbedImages(models::EmbedderImpl& model, const data::Dataset& images, int
                    const std::string& label, std::vector<float>* out) {
   const int64_t n = images.size;
   const int64_t dim = model.embedding_dim();
-  const int64_t pixels = static_cast<int64_t>(images.rows) * images.cols;
   if (batch_size < 1) return Status::InvalidArgument("batch size must be >= 1");
   out->assign(static_cast<size_t>(n * dim), 0.f);
   std::unique_ptr<ProgressBar> bar;
@@ -95,28 +94,18 @@ Status EmbedImages(models::EmbedderImpl& model, const data::Dataset& images, int
     bar = std::make_unique<ProgressBar>(po);
   }
   const auto t0 = std::chrono::steady_clock::now();
+  auto on_batch = [&](int64_t done) {
+    if (!bar) return;
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    char rate[32];
+    std::snprintf(rate, sizeof rate, "%.0f", static_cast<double>(done) / std::max(s, 1e-9));
+    bar->Update(done, {{"img/s", rate}});
+  };
   try {
-    torch::NoGradGuard no_grad;
-    const data::NormalizeOptions normalize;
-    torch::Tensor batch = torch::empty({std::min(batch_size, std::max<int64_t>(n, 1)), 1, images.rows, images.cols});
-    for (int64_t begin = 0; begin < n; begin += batch_size) {
-      const int64_t count = std::min(batch_size, n - begin);
-      torch::Tensor view = batch.narrow(0, 0, count);
-      float* dst = view.data_ptr<float>();
-      for (int64_t i = 0; i < count; ++i) {
-        data::NormalizeImage(images.image(begin + i), images.rows, images.cols, normalize, dst + i * pixels);
-      }
-      torch::Tensor emb = model.forward(view).contiguous();
-      // Unit rows (the model normalises already; this keeps a zero row zero).
-      emb = torch::nn::functional::normalize(emb, torch::nn::functional::NormalizeFuncOptions().dim(1));
-      std::memcpy(out->data() + begin * dim, emb.data_ptr<float>(), sizeof(float) * count * dim);
-      if (bar) {
-        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        char rate[32];
-        std::snprintf(rate, sizeof rate, "%.0f", static_cast<double>(begin + count) / std::max(s, 1e-9));
-        bar->Update(begin + count, {{"img/s", rate}});
-      }
-    }
+    torch::Tensor emb = worker::EmbedDataset(model, images, batch_size, {}, on_batch);
+    // Unit rows (the model normalises already; this keeps a zero row zero).
+    emb = torch::nn::functional::normalize(emb, torch::nn::functional::NormalizeFuncOptions().dim(1)).contiguous();
+    std::memcpy(out->data(), emb.data_ptr<float>(), sizeof(float) * static_cast<size_t>(n * dim));
   } catch (const c10::Error& e) {
     return Status::Internal("embedding " + images.source + ": " + e.what_without_backtrace());
   }

@@ -9,9 +9,9 @@ std::vector<int64_t> Labels(const data::Dataset& dataset) {
 }
 
 torch::Tensor EmbedDataset(models::EmbedderImpl& model, const data::Dataset& dataset, int64_t batch_size,
-                           const data::NormalizeOptions& normalize) {
+                           const data::NormalizeOptions& normalize, const std::function<void(int64_t)>& on_batch) {
   const bool was_training = model.is_training();
-  model.eval();
+  if (was_training) model.eval();
   torch::NoGradGuard no_grad;
   const int64_t n = dataset.size;
   const int64_t pixels = static_cast<int64_t>(dataset.rows) * dataset.cols;
@@ -25,8 +25,9 @@ torch::Tensor EmbedDataset(models::EmbedderImpl& model, const data::Dataset& dat
       data::NormalizeImage(dataset.image(begin + i), dataset.rows, dataset.cols, normalize, dst + i * pixels);
     }
     out.narrow(0, begin, count).copy_(model.forward(view));
+    if (on_batch) on_batch(begin + count);
   }
-  model.train(was_training);
+  if (was_training) model.train(true);
   return out;
 }
 

@@ -7,6 +7,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -19,10 +20,14 @@
 namespace dtrain::worker {
 
 // [N, D] embeddings of every image of `dataset` (normalised as in training,
-// no augmentation), computed in batches in eval mode without gradients. The
-// model's training mode is restored afterwards.
+// no augmentation), computed in batches in eval mode without gradients. A
+// model in training mode is switched to eval mode and back; one already in
+// eval mode is left untouched, so several threads may embed with it at once
+// (the indexer's queries do). `on_batch` (optional) gets the number of
+// images embedded so far after each batch.
 torch::Tensor EmbedDataset(models::EmbedderImpl& model, const data::Dataset& dataset, int64_t batch_size,
-                           const data::NormalizeOptions& normalize = {});
+                           const data::NormalizeOptions& normalize = {},
+                           const std::function<void(int64_t done)>& on_batch = {});
 
 // [N, rows*cols] L2-normalised raw pixels: the baseline "embedding".
 torch::Tensor RawPixelEmbeddings(const data::Dataset& dataset);
