@@ -6,6 +6,11 @@
 #   launch/mpirun.sh -n 4 [--hostfile hosts.txt] [--oversubscribe] [--bind-to none|core] [--mpi-arg ARG]... -- \
 #       build/bin/dtrain-worker --config configs/sync_arcface.textproto
 #
+# An async job adds its parameter-server shards as the first program of an
+# MPMD line, with the workers' arguments:
+#   launch/mpirun.sh -n 2 --ps 2 --ps-program build/bin/dtrain-ps -- build/bin/dtrain-worker --config JOB
+# runs  mpirun ... -np 2 dtrain-ps --config JOB : -np 2 dtrain-worker --config JOB
+#
 # What it adds to mpirun:
 #   --allow-run-as-root        when run as root (containers)
 #   --bind-to none             ranks are not pinned to cores: each rank sizes
@@ -40,7 +45,8 @@ usage() {
   exit "${1:-2}"
 }
 
-np="" hostfile="" oversubscribe=0 bind="" extra=()
+np="" hostfile="" oversubscribe=0 bind="" extra=() ps=0 ps_program=""
+
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -n|-np) np="${2:?-n needs a number}"; shift 2 ;;
@@ -48,6 +54,8 @@ while [[ $# -gt 0 ]]; do
     --oversubscribe) oversubscribe=1; shift ;;
     --bind-to) bind="${2:?--bind-to needs none or core}"; shift 2 ;;
     --mpi-arg) extra+=("${2:?--mpi-arg needs a value}"); shift 2 ;;
+    --ps) ps="${2:?--ps needs a number}"; shift 2 ;;
+    --ps-program) ps_program="${2:?--ps-program needs a path}"; shift 2 ;;
     -h|--help) usage 0 ;;
     --) shift; break ;;
     *) echo "launch/mpirun.sh: unknown option '$1' (the program comes after --)" >&2; usage 2 ;;
@@ -55,22 +63,27 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n "$np" && "$np" =~ ^[1-9][0-9]*$ ]] || { echo "launch/mpirun.sh: -n N (ranks, >= 1) is required" >&2; exit 2; }
 [[ $# -gt 0 ]] || { echo "launch/mpirun.sh: no program given after --" >&2; exit 2; }
+[[ "$ps" =~ ^[0-9]+$ ]] || { echo "launch/mpirun.sh: --ps needs a number of shards" >&2; exit 2; }
+if ((ps > 0)); then
+  [[ -x "$ps_program" ]] || { echo "launch/mpirun.sh: --ps needs --ps-program (dtrain-ps), got '$ps_program'" >&2; exit 2; }
+fi
+total=$((np + ps))
 MPIRUN="${DTRAIN_MPIRUN:-mpirun}"
 command -v "$MPIRUN" >/dev/null || { echo "launch/mpirun.sh: $MPIRUN not found (launch/install-deps.sh installs openmpi-bin)" >&2; exit 2; }
 
 if [[ -z "$bind" ]]; then
   bind=none
-  [[ -z "$hostfile" && "$np" -gt 1 && "$np" -eq "$(nproc)" ]] && bind=core
+  [[ -z "$hostfile" && "$total" -gt 1 && "$total" -eq "$(nproc)" ]] && bind=core
 fi
-args=(-np "$np" --bind-to "$bind" --mca btl_vader_single_copy_mechanism none)
+args=(--bind-to "$bind" --mca btl_vader_single_copy_mechanism none)
 [[ $(id -u) -eq 0 ]] && args+=(--allow-run-as-root)
 if [[ -n "$hostfile" ]]; then
   [[ -r "$hostfile" ]] || { echo "launch/mpirun.sh: hostfile $hostfile not readable" >&2; exit 2; }
   args+=(--hostfile "$hostfile")
 else
-  args+=(--host "localhost:$np")
+  args+=(--host "localhost:$total")
   # More ranks than cores: ranks waiting inside MPI yield the core.
-  ((np > $(nproc))) && args+=(--mca mpi_yield_when_idle 1)
+  ((total > $(nproc))) && args+=(--mca mpi_yield_when_idle 1)
 fi
 ((oversubscribe)) && args+=(--oversubscribe)
 for v in PATH LD_LIBRARY_PATH OMP_NUM_THREADS; do
@@ -79,4 +92,8 @@ done
 while IFS='=' read -r name _; do
   [[ "$name" == DTRAIN_* ]] && args+=(-x "$name")
 done < <(env)
-exec "$MPIRUN" "${args[@]}" "${extra[@]}" "$@"
+if ((ps > 0)); then
+  # The shards get the workers' arguments (dtrain-ps accepts them).
+  exec "$MPIRUN" "${args[@]}" "${extra[@]}" -np "$ps" "$ps_program" "${@:2}" : -np "$np" "$@"
+fi
+exec "$MPIRUN" "${args[@]}" "${extra[@]}" -np "$np" "$@"

@@ -312,6 +312,8 @@ class Validator {
     if (t.max_steps() == 0) AtLeast("training.epochs", t.epochs(), 1);
     AtLeast("training.log_every_steps", t.log_every_steps(), 1);
     InRange("training.threads", t.threads(), 0, 1024);
+    AtLeast("training.slow_rank", t.slow_rank(), -1);
+    AtLeast("training.slow_factor", t.slow_factor(), 1.0f);
   }
 
   void Parallelism() {
@@ -337,6 +339,8 @@ class Validator {
           Fail("parallelism.async.chunk_mb", "must be below max_message_mb (" + Str(a.max_message_mb()) +
                                                  "), got " + Str(a.chunk_mb()));
         }
+        Greater("parallelism.async.lease_timeout_s", a.lease_timeout_s(), 0.0f);
+        Greater("parallelism.async.rpc_timeout_s", a.rpc_timeout_s(), 0.0f);
         break;
       }
       case ParallelismConfig::kPipeline: {

@@ -1,11 +1,14 @@
 // dtrain run / dtrain eval.
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "dtrain/common/config.h"
+#include "dtrain/common/env.h"
+#include "dtrain/common/rpc.h"
 #include "dtrain/common/metrics_log.h"
 #include "dtrain/coordinator/cli.h"
 #include "dtrain/coordinator/index_handoff.h"
@@ -49,8 +52,14 @@ Status Run(const RunArgs& a) {
   if (!a.run_dir.empty()) overrides.push_back("run_dir=" + a.run_dir);
   JobConfig config;
   DTRAIN_RETURN_IF_ERROR(LoadJobConfig(a.config, overrides, &config));
-  if (config.launch().workers() > 1 || config.launch().launcher() == LaunchConfig::MPIRUN) {
-    // Several workers: one dtrain-worker per rank under mpirun.
+  const bool async = config.parallelism().mode_case() == ParallelismConfig::kAsync;
+  if (config.launch().workers() > 1 || config.launch().launcher() == LaunchConfig::MPIRUN || async) {
+    // Several workers: one dtrain-worker per rank under mpirun; async jobs
+    // start their dtrain-ps shards in the same mpirun (MPMD).
+    if (async && env::Get(env::kJobToken, nullptr) == nullptr) {
+      // Every RPC to the shards carries it; mpirun.sh passes DTRAIN_* on.
+      setenv(env::kJobToken, rpc::NewJobToken().c_str(), 1);
+    }
     coordinator::MpirunRequest req;
     req.config_path = a.config;
     req.overrides = overrides;

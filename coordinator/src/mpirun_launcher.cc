@@ -55,6 +55,14 @@ Status BuildMpirunCommand(const JobConfig& config, const MpirunRequest& request,
     a.insert(a.end(), {"--hostfile", l.hostfile()});
   }
   if (l.oversubscribe()) a.push_back("--oversubscribe");
+  if (config.parallelism().mode_case() == ParallelismConfig::kAsync) {
+    // The shards: the first program of an MPMD line (paramserver/mpmd.h).
+    const std::string ps = request.ps_binary.empty() ? SelfDir() + "/dtrain-ps" : request.ps_binary;
+    if (access(ps.c_str(), X_OK) != 0) {
+      return Status::NotFound("the parameter-server program " + ps + " is missing or not executable (build dtrain-ps)");
+    }
+    a.insert(a.end(), {"--ps", std::to_string(config.parallelism().async().shards()), "--ps-program", ps});
+  }
   for (const std::string& m : l.mpirun_args()) a.insert(a.end(), {"--mpi-arg", m});
   a.insert(a.end(), {"--", worker, "--config", request.config_path});
   for (const std::string& o : request.overrides) a.insert(a.end(), {"--set", o});

@@ -6,7 +6,11 @@
 #include <algorithm>
 #include <cstring>
 #include <future>
+#include <mutex>
 
+#include <unistd.h>
+
+#include "dtrain/common/lr_schedule.h"
 #include "dtrain/common/rpc.h"
 #include "dtrain/paramserver.grpc.pb.h"
 #include "dtrain/paramserver/wire.h"
@@ -23,32 +27,78 @@ std::vector<std::pair<std::string, int>> LargeTransferArgs() {
           {GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, 8 << 20}};
 }
 
+// The LR of the update from version v: the job's schedule at step
+// v / updates_per_step.
+std::function<double(int64_t)> LrFromSetup(const ShardSetup& setup) {
+  LrScheduleOptions o;
+  o.schedule = setup.schedule();
+  o.base_lr = setup.base_lr();
+  o.total_steps = std::max<int64_t>(setup.total_steps(), 1);
+  o.steps_per_epoch = std::max<int64_t>(setup.steps_per_epoch(), 1);
+  const int64_t per_step = std::max(1, setup.updates_per_step());
+  return [o, per_step](int64_t v) { return LearningRate(o, v / per_step); };
+}
+
 class Service final : public ParameterServer::Service {
  public:
-  Service(const PsServerOptions& o, std::unique_ptr<ParameterShard> shard) : options_(o), shard_(std::move(shard)) {}
+  Service(const PsServerOptions& o, std::shared_ptr<ParameterShard> shard) : options_(o), shard_(std::move(shard)) {}
 
-  ParameterShard& shard() { return *shard_; }
+  std::shared_ptr<ParameterShard> shard() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return shard_;
+  }
 
   grpc::Status Init(grpc::ServerContext* ctx, grpc::ServerReader<InitShardRequest>* reader,
                     InitShardReply* reply) override {
     grpc::Status auth = rpc::CheckJobToken(*ctx, options_.token);
     if (!auth.ok()) return auth;
-    SliceAssembler assembler(Lengths());
     InitShardRequest msg;
-    int64_t version = 0;
-    bool first = true;
-    while (reader->Read(&msg)) {
-      if (first) version = msg.version();
-      first = false;
+    if (!reader->Read(&msg)) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "empty Init");
+    const int64_t version = msg.version();
+    const int64_t optimizer_step = msg.optimizer_step();
+    // The shard to initialise: a new one from the setup, or the current one.
+    std::shared_ptr<ParameterShard> target;
+    if (msg.has_setup()) {
+      const ShardSetup& setup = msg.setup();
+      if (setup.shard() != options_.shard.shard) {
+        return rpc::ToGrpc(Status::InvalidArgument("this is shard " + std::to_string(options_.shard.shard) +
+                                                   ", the Init is for shard " + std::to_string(setup.shard())));
+      }
+      ShardOptions so = options_.shard;
+      so.slices.clear();
+      for (const ShardSetup::Slice& x : setup.slices()) {
+        so.slices.push_back(ParamSlice{x.name(), x.offset(), x.length(), setup.shard()});
+      }
+      if (setup.has_schedule()) so.lr_at = LrFromSetup(setup);
+      std::unique_ptr<ParameterShard> fresh;
+      Status st = ParameterShard::Create(so, &fresh);
+      if (!st.ok()) return rpc::ToGrpc(st.WithContext("Init setup"));
+      target = std::move(fresh);
+    } else {
+      target = shard();
+      if (!target) {
+        return rpc::ToGrpc(Status::FailedPrecondition("shard " + std::to_string(options_.shard.shard) +
+                                                      " started empty: its first Init must carry a setup"));
+      }
+    }
+    ParameterShard* t = target.get();
+    SliceAssembler assembler([t](const std::string& name, int64_t offset) { return t->SliceLength(name, offset); });
+    do {
       for (const TensorChunk& c : msg.chunks()) {
         Status st = assembler.Add(c);
         if (!st.ok()) return rpc::ToGrpc(st);
       }
-    }
+    } while (reader->Read(&msg));
     std::vector<SliceView> views;
     Status st = assembler.Finish(&views);
-    if (st.ok()) st = shard_->Initialize(views, version);
+    if (st.ok()) st = target->Initialize(views, version, optimizer_step);
     if (!st.ok()) return rpc::ToGrpc(st);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      shard_ = target;
+    }
+    spdlog::info("shard {}: initialised at version {} ({} slices)", options_.shard.shard, version,
+                 target->slices().size());
     reply->set_version(version);
     return grpc::Status::OK;
   }
@@ -56,12 +106,19 @@ class Service final : public ParameterServer::Service {
   grpc::Status Push(grpc::ServerContext* ctx, grpc::ServerReader<PushRequest>* reader, PushReply* reply) override {
     grpc::Status auth = rpc::CheckJobToken(*ctx, options_.token);
     if (!auth.ok()) return auth;
-    SliceAssembler assembler(Lengths());
+    std::shared_ptr<ParameterShard> shard;
+    grpc::Status ready = Ready(&shard);
+    if (!ready.ok()) return ready;
+    SliceAssembler assembler(Lengths(shard.get()));
     PushRequest msg;
     int64_t base = 0;
+    int worker = -1;
     bool first = true;
     while (reader->Read(&msg)) {
-      if (first) base = msg.base_version();
+      if (first) {
+        base = msg.base_version();
+        worker = msg.has_worker() ? msg.worker() : -1;
+      }
       first = false;
       for (const TensorChunk& c : msg.chunks()) {
         Status st = assembler.Add(c);
@@ -72,7 +129,7 @@ class Service final : public ParameterServer::Service {
     std::vector<SliceView> views;
     Status st = assembler.Finish(&views);
     PushResult r;
-    if (st.ok()) st = shard_->Push(base, views, &r);
+    if (st.ok()) st = shard->Push(base, views, &r, worker);
     if (!st.ok()) return rpc::ToGrpc(st);
     reply->set_version(r.version);
     reply->set_staleness(r.staleness);
@@ -83,26 +140,49 @@ class Service final : public ParameterServer::Service {
   grpc::Status Pull(grpc::ServerContext* ctx, const PullRequest* req, grpc::ServerWriter<PullReply>* writer) override {
     grpc::Status auth = rpc::CheckJobToken(*ctx, options_.token);
     if (!auth.ok()) return auth;
+    std::shared_ptr<ParameterShard> shard;
+    grpc::Status ready = Ready(&shard);
+    if (!ready.ok()) return ready;
+    if (req->lease()) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(ctx->deadline() -
+                                                                              std::chrono::system_clock::now());
+      Status st = shard->AcquireLease(req->worker(), std::max(left, std::chrono::milliseconds(1)));
+      if (!st.ok()) return rpc::ToGrpc(st);
+    }
     // Chunks are cut straight from the slices under their locks (the one copy
     // of the values) into messages; the messages are written after the locks
     // are released, so a slow client never holds up pushes.
     std::vector<PullReply> messages(1);
     int64_t bytes = 0;
-    int64_t version = 0;
-    Status st = shard_->VisitChanged(req->since_version(), &version, [&](const ParamSlice& s, const float* v) {
-      ChunkSlice(s.name, s.offset, v, s.length, req->encoding(), options_.chunk_bytes, [&](TensorChunk&& c) {
-        const int64_t size = static_cast<int64_t>(c.data().size());
-        if (bytes > 0 && bytes + size > options_.chunk_bytes) {
-          messages.emplace_back();
-          bytes = 0;
-        }
-        bytes += size;
-        *messages.back().add_chunks() = std::move(c);
+    auto add = [&](TensorChunk&& c) {
+      const int64_t size = static_cast<int64_t>(c.data().size());
+      if (bytes > 0 && bytes + size > options_.chunk_bytes) {
+        messages.emplace_back();
+        bytes = 0;
+      }
+      bytes += size;
+      *messages.back().add_chunks() = std::move(c);
+    };
+    int64_t version = 0, optimizer_step = 0;
+    Status st;
+    if (req->include_state()) {
+      st = shard->VisitState(&version, &optimizer_step,
+                             [&](const ParamSlice& s, const std::string& slot, const float* v) {
+                               ChunkSlice(s.name, s.offset, v, s.length, COMPRESSION_NONE, options_.chunk_bytes,
+                                          [&](TensorChunk&& c) {
+                                            if (!slot.empty()) c.set_slot(slot);
+                                            add(std::move(c));
+                                          });
+                             });
+    } else {
+      st = shard->VisitChanged(req->since_version(), &version, [&](const ParamSlice& s, const float* v) {
+        ChunkSlice(s.name, s.offset, v, s.length, req->encoding(), options_.chunk_bytes, add);
       });
-    });
+    }
     if (!st.ok()) return rpc::ToGrpc(st);
     for (PullReply& m : messages) {
       m.set_version(version);
+      if (req->include_state()) m.set_optimizer_step(optimizer_step);
       if (!writer->Write(m)) return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
     }
     return grpc::Status::OK;
@@ -111,20 +191,28 @@ class Service final : public ParameterServer::Service {
   grpc::Status Info(grpc::ServerContext* ctx, const ShardInfoRequest*, ShardInfo* info) override {
     grpc::Status auth = rpc::CheckJobToken(*ctx, options_.token);
     if (!auth.ok()) return auth;
-    info->set_shard(shard_->shard());
-    info->set_version(shard_->version());
-    info->set_initialized(shard_->initialized());
-    for (const ParamSlice& s : shard_->slices()) {
+    info->set_shard(options_.shard.shard);
+    info->set_max_staleness(options_.shard.max_staleness);
+    std::shared_ptr<ParameterShard> shard = this->shard();
+    if (!shard) {
+      info->set_initialized(false);
+      return grpc::Status::OK;
+    }
+    info->set_version(shard->version());
+    info->set_initialized(shard->initialized());
+    for (const ParamSlice& s : shard->slices()) {
       ShardInfo::Slice* x = info->add_slices();
       x->set_name(s.name);
       x->set_offset(s.offset);
       x->set_length(s.length);
     }
-    const ShardCounters c = shard_->counters();
+    const ShardCounters c = shard->counters();
     info->set_applied(c.applied);
     info->set_rejected_stale(c.rejected_stale);
     info->set_rejected_invalid(c.rejected_invalid);
     info->set_skipped_nonfinite(c.skipped_nonfinite);
+    info->set_lease_waits(c.lease_waits);
+    info->set_lease_wait_s(c.lease_wait_s);
     for (const auto& [s, n] : c.staleness_histogram) {
       ShardInfo::StalenessCount* h = info->add_staleness_histogram();
       h->set_staleness(s);
@@ -134,16 +222,51 @@ class Service final : public ParameterServer::Service {
   }
 
  private:
-  std::function<int64_t(const std::string&, int64_t)> Lengths() {
-    ParameterShard* s = shard_.get();
+  grpc::Status Ready(std::shared_ptr<ParameterShard>* out) const {
+    *out = shard();
+    if (!*out) {
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          "shard " + std::to_string(options_.shard.shard) +
+                              " is not initialised yet (the chief worker's Init has not arrived)");
+    }
+    return grpc::Status::OK;
+  }
+
+  static std::function<int64_t(const std::string&, int64_t)> Lengths(ParameterShard* s) {
     return [s](const std::string& name, int64_t offset) { return s->SliceLength(name, offset); };
   }
 
   PsServerOptions options_;
-  std::unique_ptr<ParameterShard> shard_;
+  mutable std::mutex mu_;
+  std::shared_ptr<ParameterShard> shard_;  // GUARDED_BY(mu_); null until the first Init when started empty
 };
 
 }  // namespace
+
+PsServerOptions PsServerOptionsFromConfig(const JobConfig& config, int shard, const std::string& token) {
+  const AsyncConfig& a = config.parallelism().async();
+  PsServerOptions o;
+  o.shard.shard = shard;
+  o.shard.optimizer = config.optimizer();
+  o.shard.max_staleness = a.max_staleness();
+  o.shard.staleness_policy = a.staleness_policy();
+  o.shard.nonfinite_policy = a.nonfinite_policy();
+  o.bind_address = config.launch().bind_address();
+  o.token = token;
+  o.threads = a.server_threads();
+  o.max_message_bytes = a.max_message_mb() << 20;
+  o.chunk_bytes = std::max<int64_t>(1 << 16, static_cast<int64_t>(static_cast<double>(a.chunk_mb()) * (1 << 20)));
+  return o;
+}
+
+std::string AdvertisedAddress(const std::string& bind_address, int port) {
+  std::string host = bind_address;
+  if (host.empty() || host == "0.0.0.0" || host == "[::]" || host == "::") {
+    char name[256] = {};
+    host = gethostname(name, sizeof name - 1) == 0 ? std::string(name) : std::string("localhost");
+  }
+  return host + ":" + std::to_string(port);
+}
 
 struct PsServer::Impl {
   std::unique_ptr<Service> service;
@@ -155,8 +278,17 @@ PsServer::~PsServer() { Shutdown(); }
 
 Status PsServer::Start(const PsServerOptions& o, std::unique_ptr<PsServer>* out) {
   if (o.token.empty()) return Status::InvalidArgument("a parameter server needs a job token");
-  std::unique_ptr<ParameterShard> shard;
-  DTRAIN_RETURN_IF_ERROR(ParameterShard::Create(o.shard, &shard));
+  std::shared_ptr<ParameterShard> shard;
+  if (!o.shard.slices.empty()) {
+    std::unique_ptr<ParameterShard> created;
+    DTRAIN_RETURN_IF_ERROR(ParameterShard::Create(o.shard, &created));
+    shard = std::move(created);
+  } else {
+    // Check the optimizer and bound now, so a bad config fails at start.
+    ShardOptions probe = o.shard;
+    std::unique_ptr<ParameterShard> created;
+    DTRAIN_RETURN_IF_ERROR(ParameterShard::Create(probe, &created));
+  }
   std::unique_ptr<PsServer> s(new PsServer());
   s->impl_ = std::make_unique<Impl>();
   s->impl_->service = std::make_unique<Service>(o, std::move(shard));
@@ -169,15 +301,16 @@ Status PsServer::Start(const PsServerOptions& o, std::unique_ptr<PsServer>* out)
   setup.max_pollers = std::max(1, o.threads);
   setup.int_args = LargeTransferArgs();
   DTRAIN_RETURN_IF_ERROR(rpc::StartServer(setup, s->impl_->service.get(), &s->impl_->server, &s->impl_->port));
-  spdlog::info("parameter-server shard {} listening on {}:{} ({} slices)", o.shard.shard, o.bind_address,
-               s->impl_->port, o.shard.slices.size());
+  spdlog::info("parameter-server shard {} listening on {}:{} ({})", o.shard.shard, o.bind_address, s->impl_->port,
+               o.shard.slices.empty() ? std::string("empty until the chief worker's Init")
+                                      : std::to_string(o.shard.slices.size()) + " slices");
   *out = std::move(s);
   return Status::OK();
 }
 
 int PsServer::port() const { return impl_ ? impl_->port : 0; }
 
-ParameterShard& PsServer::shard() { return impl_->service->shard(); }
+std::shared_ptr<ParameterShard> PsServer::shard() { return impl_->service->shard(); }
 
 void PsServer::Shutdown() {
   if (impl_) rpc::StopServer(&impl_->server);
@@ -195,35 +328,73 @@ struct PsClient::Impl {
                       std::chrono::milliseconds(static_cast<int64_t>(options.timeout_s * 1000)));
   }
   std::string Where(int s) const { return "shard " + std::to_string(s) + " at " + options.addresses[s]; }
+  int num_shards() const { return static_cast<int>(stubs.size()); }
 
-  // Streams shard s's slices of `tensors` as messages of type Req.
+  // One part of a stream: the tensors of one optimizer slot ("" = values).
+  struct Part {
+    std::string slot;
+    const ConstTensors* tensors;
+  };
+
+  // Streams shard s's slices of every part as messages of type Req; the
+  // first message also carries `header`'s fields.
   template <typename Req, typename Writer>
-  Status Stream(int s, const ConstTensors& tensors, const std::function<void(Req*)>& header, Writer* writer,
-                int64_t* bytes) const {
+  Status Stream(int s, const std::vector<Part>& parts, Compression encoding, const std::function<void(Req*)>& header,
+                Writer* writer, int64_t* bytes) const {
     Req msg;
     header(&msg);
     int64_t size = 0;
     bool ok = true;
-    for (const ParamSlice& sl : options.plan.shards[s]) {
-      auto it = tensors.find(sl.name);
-      if (it == tensors.end()) return Status::InvalidArgument("no tensor '" + sl.name + "' to send");
-      ChunkSlice(sl.name, sl.offset, it->second + sl.offset, sl.length, options.encoding, options.chunk_bytes,
-                 [&](TensorChunk&& c) {
-                   if (!ok) return;
-                   const int64_t n = static_cast<int64_t>(c.data().size());
-                   if (size > 0 && size + n > options.chunk_bytes) {
-                     ok = writer->Write(msg);
-                     msg.clear_chunks();
-                     size = 0;
-                   }
-                   size += n;
-                   *bytes += n;
-                   *msg.add_chunks() = std::move(c);
-                 });
+    for (const Part& part : parts) {
+      for (const ParamSlice& sl : options.plan.shards[s]) {
+        auto it = part.tensors->find(sl.name);
+        if (it == part.tensors->end()) {
+          if (!part.slot.empty()) continue;  // no state for this tensor yet
+          return Status::InvalidArgument("no tensor '" + sl.name + "' to send");
+        }
+        ChunkSlice(sl.name, sl.offset, it->second + sl.offset, sl.length, encoding, options.chunk_bytes,
+                   [&](TensorChunk&& c) {
+                     if (!ok) return;
+                     if (!part.slot.empty()) c.set_slot(part.slot);
+                     const int64_t n = static_cast<int64_t>(c.data().size());
+                     if (size > 0 && size + n > options.chunk_bytes) {
+                       ok = writer->Write(msg);
+                       msg = Req();
+                       size = 0;
+                     }
+                     size += n;
+                     *bytes += n;
+                     *msg.add_chunks() = std::move(c);
+                   });
+      }
     }
-    if (ok && msg.chunks_size() > 0) ok = writer->Write(msg);
+    if (ok && (msg.chunks_size() > 0 || msg.ByteSizeLong() > 0)) ok = writer->Write(msg);
     (void)ok;  // a failed write shows in Finish()'s status
     return Status::OK();
+  }
+
+  // Runs f(s) for the shards in `order`: each group in parallel, groups one
+  // after another. Returns each shard's status.
+  std::vector<Status> ForShards(const std::vector<std::vector<int>>& groups, const std::function<Status(int)>& f) const {
+    std::vector<Status> out(static_cast<size_t>(num_shards()));
+    for (const std::vector<int>& group : groups) {
+      std::vector<std::future<Status>> calls;
+      for (int s : group) calls.push_back(std::async(std::launch::async, f, s));
+      for (size_t i = 0; i < group.size(); ++i) out[static_cast<size_t>(group[i])] = calls[i].get();
+    }
+    return out;
+  }
+
+  // Pushes go to shard 0 last under WAIT (its lease orders every shard);
+  // pulls read shard 0 (taking the lease) first.
+  std::vector<std::vector<int>> Groups(const std::vector<bool>* only, bool zero_last) const {
+    std::vector<int> zero, rest;
+    for (int s = 0; s < num_shards(); ++s) {
+      if (only && !(*only)[static_cast<size_t>(s)]) continue;
+      (s == 0 && options.staleness_policy == AsyncConfig::WAIT ? zero : rest).push_back(s);
+    }
+    if (zero.empty()) return {rest};
+    return zero_last ? std::vector<std::vector<int>>{rest, zero} : std::vector<std::vector<int>>{zero, rest};
   }
 };
 
@@ -251,84 +422,178 @@ Status PsClient::Connect(const PsClientOptions& o, std::unique_ptr<PsClient>* ou
 }
 
 Status PsClient::Init(const ConstTensors& values, int64_t version) {
-  for (int s = 0; s < static_cast<int>(impl_->stubs.size()); ++s) {
+  PsInitOptions o;
+  o.send_setup = false;
+  return Init(values, version, o);
+}
+
+Status PsClient::Init(const ConstTensors& values, int64_t version, const PsInitOptions& options) {
+  std::vector<Impl::Part> parts = {{"", &values}};
+  for (const auto& [slot, tensors] : options.slots) parts.push_back({slot, &tensors});
+  for (int s = 0; s < impl_->num_shards(); ++s) {
     grpc::ClientContext ctx;
     impl_->Prepare(&ctx);
     InitShardReply reply;
     auto writer = impl_->stubs[s]->Init(&ctx, &reply);
-    DTRAIN_RETURN_IF_ERROR(impl_->Stream<InitShardRequest>(
-        s, values, [version](InitShardRequest* m) { m->set_version(version); }, writer.get(), &bytes_pushed_));
+    auto header = [&](InitShardRequest* m) {
+      m->set_version(version);
+      m->set_optimizer_step(options.optimizer_step);
+      if (!options.send_setup) return;
+      ShardSetup* setup = m->mutable_setup();
+      *setup = options.setup;
+      setup->set_shard(s);
+      setup->set_num_shards(impl_->num_shards());
+      setup->clear_slices();
+      for (const ParamSlice& sl : impl_->options.plan.shards[s]) {
+        ShardSetup::Slice* x = setup->add_slices();
+        x->set_name(sl.name);
+        x->set_offset(sl.offset);
+        x->set_length(sl.length);
+      }
+    };
+    // Initial values travel exactly, whatever the transport encoding.
+    DTRAIN_RETURN_IF_ERROR(impl_->Stream<InitShardRequest>(s, parts, COMPRESSION_NONE, header, writer.get(),
+                                                          &bytes_pushed_));
     writer->WritesDone();
     DTRAIN_RETURN_IF_ERROR(rpc::FromGrpc(writer->Finish(), "Init of " + impl_->Where(s)));
+    versions_[static_cast<size_t>(s)] = -1;
   }
   return Status::OK();
 }
 
-Status PsClient::Push(const ConstTensors& grads, std::vector<PushReply>* replies) {
-  const int n = static_cast<int>(impl_->stubs.size());
+Status PsClient::Push(const ConstTensors& grads, std::vector<PushReply>* replies, std::vector<Status>* statuses,
+                      const std::vector<bool>* only, const std::vector<int64_t>* base_versions) {
+  const int n = impl_->num_shards();
+  if (only && static_cast<int>(only->size()) != n) return Status::InvalidArgument("Push: `only` needs one flag per shard");
+  if (base_versions && static_cast<int>(base_versions->size()) != n) {
+    return Status::InvalidArgument("Push: `base_versions` needs one version per shard");
+  }
+  const std::vector<int64_t>& bases = base_versions ? *base_versions : versions_;
   std::vector<PushReply> out(static_cast<size_t>(n));
   std::vector<int64_t> bytes(static_cast<size_t>(n), 0);
-  std::vector<std::future<Status>> calls;
-  for (int s = 0; s < n; ++s) {
-    calls.push_back(std::async(std::launch::async, [&, s]() -> Status {
-      grpc::ClientContext ctx;
-      impl_->Prepare(&ctx);
-      auto writer = impl_->stubs[s]->Push(&ctx, &out[static_cast<size_t>(s)]);
-      const int64_t base = std::max<int64_t>(versions_[static_cast<size_t>(s)], 0);
-      DTRAIN_RETURN_IF_ERROR(impl_->Stream<PushRequest>(
-          s, grads, [base](PushRequest* m) { m->set_base_version(base); }, writer.get(), &bytes[static_cast<size_t>(s)]));
-      writer->WritesDone();
-      return rpc::FromGrpc(writer->Finish(), "Push to " + impl_->Where(s));
-    }));
-  }
+  const std::vector<Impl::Part> parts = {{"", &grads}};
+  std::vector<Status> results = impl_->ForShards(impl_->Groups(only, /*zero_last=*/true), [&](int s) -> Status {
+    grpc::ClientContext ctx;
+    impl_->Prepare(&ctx);
+    auto writer = impl_->stubs[s]->Push(&ctx, &out[static_cast<size_t>(s)]);
+    const int64_t base = std::max<int64_t>(bases[static_cast<size_t>(s)], 0);
+    const int worker = impl_->options.worker;
+    DTRAIN_RETURN_IF_ERROR(impl_->Stream<PushRequest>(
+        s, parts, impl_->options.encoding,
+        [base, worker](PushRequest* m) {
+          m->set_base_version(base);
+          m->set_worker(worker);
+        },
+        writer.get(), &bytes[static_cast<size_t>(s)]));
+    writer->WritesDone();
+    return rpc::FromGrpc(writer->Finish(), "Push to " + impl_->Where(s));
+  });
   Status first_error;
   for (int s = 0; s < n; ++s) {
-    Status st = calls[static_cast<size_t>(s)].get();
     bytes_pushed_ += bytes[static_cast<size_t>(s)];
-    if (!st.ok() && first_error.ok()) first_error = st;
+    if (!results[static_cast<size_t>(s)].ok() && first_error.ok()) first_error = results[static_cast<size_t>(s)];
   }
   if (replies) *replies = out;
+  if (statuses) *statuses = results;
   return first_error;
 }
 
-Status PsClient::Pull(const Tensors& params) {
-  const int n = static_cast<int>(impl_->stubs.size());
-  std::vector<int64_t> bytes(static_cast<size_t>(n), 0), got_version(static_cast<size_t>(n), -1);
-  std::vector<std::future<Status>> calls;
-  for (int s = 0; s < n; ++s) {
-    calls.push_back(std::async(std::launch::async, [&, s]() -> Status {
-      grpc::ClientContext ctx;
-      impl_->Prepare(&ctx);
-      PullRequest req;
-      req.set_since_version(versions_[static_cast<size_t>(s)]);
-      req.set_encoding(impl_->options.encoding);
-      auto reader = impl_->stubs[s]->Pull(&ctx, req);
-      PullReply msg;
-      while (reader->Read(&msg)) {
-        got_version[static_cast<size_t>(s)] = msg.version();
-        for (const TensorChunk& c : msg.chunks()) {
-          auto it = params.find(c.name());
-          if (it == params.end()) return Status::InvalidArgument(impl_->Where(s) + " sent unknown tensor '" + c.name() + "'");
-          const int64_t elems = static_cast<int64_t>(c.data().size()) / BytesPerElement(c.encoding());
-          if (c.chunk_offset() < 0 || c.chunk_offset() + elems > c.length()) {
-            return Status::Corruption(impl_->Where(s) + " sent a chunk outside its slice of '" + c.name() + "'");
-          }
-          int64_t m = 0;
-          DTRAIN_RETURN_IF_ERROR(DecodeChunk(c, it->second + c.offset() + c.chunk_offset(), &m));
-          bytes[static_cast<size_t>(s)] += static_cast<int64_t>(c.data().size());
-        }
+namespace {
+
+// Reads one Pull stream into `values` (slot "") and `slots`.
+Status ReadPull(grpc::ClientReader<PullReply>* reader, const std::string& where, const Tensors& values,
+                const std::map<std::string, Tensors>* slots, int64_t* version, int64_t* optimizer_step,
+                std::set<std::pair<std::string, std::string>>* received, int64_t* bytes) {
+  PullReply msg;
+  while (reader->Read(&msg)) {
+    *version = msg.version();
+    if (optimizer_step) *optimizer_step = std::max(*optimizer_step, msg.optimizer_step());
+    for (const TensorChunk& c : msg.chunks()) {
+      const Tensors* target = &values;
+      if (!c.slot().empty()) {
+        auto sit = slots ? slots->find(c.slot()) : std::map<std::string, Tensors>::const_iterator();
+        if (!slots || sit == slots->end()) return Status::InvalidArgument(where + " sent unexpected optimizer slot '" + c.slot() + "'");
+        target = &sit->second;
       }
-      return rpc::FromGrpc(reader->Finish(), "Pull from " + impl_->Where(s));
-    }));
+      auto it = target->find(c.name());
+      if (it == target->end()) return Status::InvalidArgument(where + " sent unknown tensor '" + c.name() + "'");
+      const int64_t elems = static_cast<int64_t>(c.data().size()) / BytesPerElement(c.encoding());
+      if (c.chunk_offset() < 0 || c.chunk_offset() + elems > c.length()) {
+        return Status::Corruption(where + " sent a chunk outside its slice of '" + c.name() + "'");
+      }
+      int64_t m = 0;
+      DTRAIN_RETURN_IF_ERROR(DecodeChunk(c, it->second + c.offset() + c.chunk_offset(), &m));
+      *bytes += static_cast<int64_t>(c.data().size());
+      if (received && !c.slot().empty()) received->insert({c.slot(), c.name()});
+    }
   }
+  return Status::OK();
+}
+
+}  // namespace
+
+Status PsClient::Pull(const Tensors& params, const PullOptions& options) {
+  const int n = impl_->num_shards();
+  std::vector<int64_t> bytes(static_cast<size_t>(n), 0), got_version(static_cast<size_t>(n), -1);
+  const bool wait_policy = impl_->options.staleness_policy == AsyncConfig::WAIT;
+  std::vector<Status> results = impl_->ForShards(impl_->Groups(nullptr, /*zero_last=*/false), [&](int s) -> Status {
+    grpc::ClientContext ctx;
+    impl_->Prepare(&ctx);
+    PullRequest req;
+    req.set_since_version(options.everything ? -1 : versions_[static_cast<size_t>(s)]);
+    req.set_encoding(impl_->options.encoding);
+    if (wait_policy && options.lease && s == 0) {
+      req.set_lease(true);
+      req.set_worker(impl_->options.worker);
+    }
+    auto reader = impl_->stubs[s]->Pull(&ctx, req);
+    DTRAIN_RETURN_IF_ERROR(ReadPull(reader.get(), impl_->Where(s), params, nullptr, &got_version[static_cast<size_t>(s)],
+                                    nullptr, nullptr, &bytes[static_cast<size_t>(s)]));
+    return rpc::FromGrpc(reader->Finish(), "Pull from " + impl_->Where(s));
+  });
   Status first_error;
   for (int s = 0; s < n; ++s) {
-    Status st = calls[static_cast<size_t>(s)].get();
+    const Status& st = results[static_cast<size_t>(s)];
     bytes_pulled_ += bytes[static_cast<size_t>(s)];
     if (st.ok() && got_version[static_cast<size_t>(s)] >= 0) versions_[static_cast<size_t>(s)] = got_version[static_cast<size_t>(s)];
     if (!st.ok() && first_error.ok()) first_error = st;
   }
   return first_error;
+}
+
+Status PsClient::PullState(const Tensors& params, const std::map<std::string, Tensors>& slots, PsStateSnapshot* out) {
+  const int n = impl_->num_shards();
+  std::vector<int64_t> bytes(static_cast<size_t>(n), 0), got_version(static_cast<size_t>(n), -1),
+      steps(static_cast<size_t>(n), 0);
+  std::vector<std::set<std::pair<std::string, std::string>>> received(static_cast<size_t>(n));
+  std::vector<Status> results = impl_->ForShards({[n] {
+                                                   std::vector<int> all;
+                                                   for (int s = 0; s < n; ++s) all.push_back(s);
+                                                   return all;
+                                                 }()},
+                                                 [&](int s) -> Status {
+                                                   const size_t i = static_cast<size_t>(s);
+                                                   grpc::ClientContext ctx;
+                                                   impl_->Prepare(&ctx);
+                                                   PullRequest req;
+                                                   req.set_include_state(true);
+                                                   auto reader = impl_->stubs[s]->Pull(&ctx, req);
+                                                   DTRAIN_RETURN_IF_ERROR(ReadPull(reader.get(), impl_->Where(s), params,
+                                                                                   &slots, &got_version[i], &steps[i],
+                                                                                   &received[i], &bytes[i]));
+                                                   return rpc::FromGrpc(reader->Finish(),
+                                                                        "state pull from " + impl_->Where(s));
+                                                 });
+  *out = PsStateSnapshot();
+  for (int s = 0; s < n; ++s) {
+    const size_t i = static_cast<size_t>(s);
+    DTRAIN_RETURN_IF_ERROR(results[i]);
+    bytes_pulled_ += bytes[i];
+    if (got_version[i] >= 0) versions_[i] = got_version[i];
+    out->optimizer_step = std::max(out->optimizer_step, steps[i]);
+    out->received.insert(received[i].begin(), received[i].end());
+  }
+  return Status::OK();
 }
 
 Status PsClient::Info(int shard, ShardInfo* info) {

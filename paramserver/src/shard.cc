@@ -3,6 +3,8 @@
 #include <cmath>
 #include <cstring>
 #include <set>
+#include <tuple>
+#include <algorithm>
 
 namespace dtrain::paramserver {
 
@@ -48,6 +50,10 @@ Status ParameterShard::Validate(const std::vector<SliceView>& views, bool need_a
   slots->clear();
   for (const SliceView& v : views) {
     const std::string where = "'" + v.name + "' at element " + std::to_string(v.offset);
+    if (!v.slot.empty()) {
+      return Status::InvalidArgument("slice " + where + " carries optimizer slot '" + v.slot +
+                                     "': only an initialisation sets optimizer state");
+    }
     auto it = slots_.find({v.name, v.offset});
     if (it == slots_.end()) {
       return Status::InvalidArgument("shard " + std::to_string(options_.shard) + " holds no slice " + where +
@@ -68,26 +74,132 @@ Status ParameterShard::Validate(const std::vector<SliceView>& views, bool need_a
   return Status::OK();
 }
 
-Status ParameterShard::Initialize(const std::vector<SliceView>& values, int64_t version) {
+Status ParameterShard::Initialize(const std::vector<SliceView>& views, int64_t version, int64_t optimizer_step) {
+  std::vector<SliceView> values;
+  std::vector<const SliceView*> state;
+  for (const SliceView& v : views) {
+    if (v.slot.empty()) {
+      values.push_back(v);
+    } else {
+      state.push_back(&v);
+    }
+  }
   std::vector<Slot*> slots;
   DTRAIN_RETURN_IF_ERROR(Validate(values, true, &slots));
+  // Optimizer state: a known slot of a known slice, once each, whole.
+  const std::vector<std::string> names = optimizer_.SlotNames();
+  std::vector<Slot*> state_slots;
+  std::set<std::tuple<std::string, int64_t, std::string>> seen;
+  for (const SliceView* v : state) {
+    const std::string where = "optimizer slot '" + v->slot + "' of '" + v->name + "' at element " + std::to_string(v->offset);
+    if (v->slot == "step" || std::find(names.begin(), names.end(), v->slot) == names.end()) {
+      return Status::InvalidArgument(where + ": not a slot of this optimizer");
+    }
+    auto it = slots_.find({v->name, v->offset});
+    if (it == slots_.end()) return Status::InvalidArgument(where + ": shard " + std::to_string(options_.shard) + " holds no such slice");
+    if (v->length != it->second->slice.length || v->data == nullptr) {
+      return Status::InvalidArgument(where + " has " + std::to_string(v->length) + " elements, the slice " +
+                                     std::to_string(it->second->slice.length));
+    }
+    if (!seen.insert({v->name, v->offset, v->slot}).second) return Status::InvalidArgument(where + " appears twice");
+    state_slots.push_back(it->second.get());
+  }
+  if (optimizer_step < 0) return Status::InvalidArgument("optimizer step " + std::to_string(optimizer_step) + " < 0");
   std::lock_guard<std::mutex> apply(apply_mu_);
   for (size_t i = 0; i < values.size(); ++i) {
     std::lock_guard<std::mutex> lock(slots[i]->mu);
     std::memcpy(slots[i]->values.data(), values[i].data, sizeof(float) * static_cast<size_t>(values[i].length));
     slots[i]->state = SlotState();
+    slots[i]->state.step = optimizer_step;
     slots[i]->changed_at = version;
   }
+  for (size_t i = 0; i < state.size(); ++i) {
+    std::lock_guard<std::mutex> lock(state_slots[i]->mu);
+    SlotState& st = state_slots[i]->state;
+    std::vector<float>& dst = state[i]->slot == "momentum_buffer" ? st.momentum_buffer
+                              : state[i]->slot == "exp_avg"       ? st.exp_avg
+                                                                  : st.exp_avg_sq;
+    dst.assign(state[i]->data, state[i]->data + state[i]->length);
+  }
   version_ = version;
+  leases_.clear();
   initialized_ = true;
+  lease_cv_.notify_all();
   return Status::OK();
 }
 
-Status ParameterShard::Push(int64_t base_version, const std::vector<SliceView>& grads, PushResult* result) {
+Status ParameterShard::AcquireLease(int worker, std::chrono::milliseconds timeout) {
+  if (options_.staleness_policy != AsyncConfig::WAIT) {
+    return Status::FailedPrecondition("leases are for staleness_policy WAIT");
+  }
+  if (!initialized_) return Status::FailedPrecondition("shard " + std::to_string(options_.shard) + " is not initialised");
+  using SteadyClock = std::chrono::steady_clock;
+  const auto start = SteadyClock::now();
+  const auto deadline = start + timeout;
+  std::unique_lock<std::mutex> lock(apply_mu_);
+  leases_.erase(worker);  // a re-pull replaces the worker's own lease
+  bool waited = false;
+  while (true) {
+    const auto now = SteadyClock::now();
+    // Drop leases whose holders went silent.
+    int64_t expired = 0;
+    for (auto it = leases_.begin(); it != leases_.end();) {
+      if (now - it->second.since > options_.lease_timeout) {
+        it = leases_.erase(it);
+        ++expired;
+      } else {
+        ++it;
+      }
+    }
+    const int64_t v = version_.load();
+    int64_t oldest = 0;
+    for (const auto& [w, l] : leases_) oldest = std::max(oldest, v - l.version);
+    const int64_t in_flight = static_cast<int64_t>(leases_.size());
+    if (in_flight == 0 || in_flight + oldest <= options_.max_staleness) {
+      leases_[worker] = Lease{v, now};
+      std::lock_guard<std::mutex> c(counters_mu_);
+      counters_.leases_expired += expired;
+      if (waited) {
+        ++counters_.lease_waits;
+        counters_.lease_wait_s += std::chrono::duration<double>(now - start).count();
+      }
+      return Status::OK();
+    }
+    if (expired > 0) {
+      std::lock_guard<std::mutex> c(counters_mu_);
+      counters_.leases_expired += expired;
+    }
+    if (now >= deadline) {
+      return Status::DeadlineExceeded("worker " + std::to_string(worker) + " waited " +
+                                      std::to_string(std::chrono::duration<double>(now - start).count()) +
+                                      " s for a lease on shard " + std::to_string(options_.shard) + " (" +
+                                      std::to_string(in_flight) + " computation(s) in flight, bound " +
+                                      std::to_string(options_.max_staleness) + ")");
+    }
+    waited = true;
+    lease_cv_.wait_for(lock, std::min<SteadyClock::duration>(deadline - now, std::chrono::milliseconds(200)));
+  }
+}
+
+Status ParameterShard::Push(int64_t base_version, const std::vector<SliceView>& grads, PushResult* result,
+                            int worker) {
   auto count = [&](int64_t ShardCounters::*field) {
     std::lock_guard<std::mutex> lock(counters_mu_);
     ++(counters_.*field);
   };
+  // Whatever happens to this push, its worker's computation is over.
+  struct Release {
+    ParameterShard* shard;
+    int worker;
+    ~Release() {
+      if (worker < 0) return;
+      {
+        std::lock_guard<std::mutex> lock(shard->apply_mu_);
+        shard->leases_.erase(worker);
+      }
+      shard->lease_cv_.notify_all();
+    }
+  } release{this, worker};
   if (!initialized_) return Status::FailedPrecondition("shard " + std::to_string(options_.shard) + " is not initialised");
   // 1. Validate everything first.
   std::vector<Slot*> slots;
@@ -154,6 +266,25 @@ Status ParameterShard::VisitChanged(int64_t since_version, int64_t* version,
     std::lock_guard<std::mutex> lock(slot->mu);
     if (since_version >= 0 && slot->changed_at <= since_version) continue;
     visit(slot->slice, slot->values.data());
+  }
+  return Status::OK();
+}
+
+Status ParameterShard::VisitState(
+    int64_t* version, int64_t* optimizer_step,
+    const std::function<void(const ParamSlice&, const std::string&, const float*)>& visit) const {
+  if (!initialized_) return Status::FailedPrecondition("shard " + std::to_string(options_.shard) + " is not initialised");
+  std::lock_guard<std::mutex> apply(apply_mu_);
+  *version = version_.load();
+  *optimizer_step = 0;
+  for (const auto& [key, slot] : slots_) {
+    std::lock_guard<std::mutex> lock(slot->mu);
+    *optimizer_step = std::max(*optimizer_step, slot->state.step);
+    visit(slot->slice, "", slot->values.data());
+    const SlotState& st = slot->state;
+    if (!st.momentum_buffer.empty()) visit(slot->slice, "momentum_buffer", st.momentum_buffer.data());
+    if (!st.exp_avg.empty()) visit(slot->slice, "exp_avg", st.exp_avg.data());
+    if (!st.exp_avg_sq.empty()) visit(slot->slice, "exp_avg_sq", st.exp_avg_sq.data());
   }
   return Status::OK();
 }

@@ -62,7 +62,8 @@ SliceAssembler::SliceAssembler(std::function<int64_t(const std::string&, int64_t
     : length_of_(std::move(length_of)) {}
 
 Status SliceAssembler::Add(const TensorChunk& c) {
-  const std::string where = "'" + c.name() + "' at element " + std::to_string(c.offset());
+  const std::string where = "'" + c.name() + "' at element " + std::to_string(c.offset()) +
+                            (c.slot().empty() ? std::string() : " (optimizer slot '" + c.slot() + "')");
   const int64_t length = length_of_(c.name(), c.offset());
   if (length < 0) return Status::InvalidArgument("no slice " + where + " on this shard (unknown tensor or another shard's part)");
   if (c.length() != length) {
@@ -79,7 +80,7 @@ Status SliceAssembler::Add(const TensorChunk& c) {
                                    std::to_string(c.chunk_offset() + n) + ") lies outside slice " + where + " of " +
                                    std::to_string(length) + " elements");
   }
-  Buffer& b = buffers_[{c.name(), c.offset()}];
+  Buffer& b = buffers_[{c.name(), c.offset(), c.slot()}];
   if (b.data.empty()) b.data.assign(static_cast<size_t>(length), 0.f);
   for (const auto& [lo, hi] : b.filled) {
     if (c.chunk_offset() < hi && lo < c.chunk_offset() + n) {
@@ -99,11 +100,12 @@ Status SliceAssembler::Finish(std::vector<SliceView>* out) const {
     int64_t covered = 0;
     for (const auto& [lo, hi] : b.filled) covered += hi - lo;
     if (covered != static_cast<int64_t>(b.data.size())) {
-      return Status::InvalidArgument("slice '" + key.first + "' at element " + std::to_string(key.second) +
+      return Status::InvalidArgument("slice '" + std::get<0>(key) + "' at element " + std::to_string(std::get<1>(key)) +
                                      " is incomplete: " + std::to_string(covered) + " of " +
                                      std::to_string(b.data.size()) + " elements sent");
     }
-    out->push_back(SliceView{key.first, key.second, static_cast<int64_t>(b.data.size()), b.data.data()});
+    out->push_back(SliceView{std::get<0>(key), std::get<1>(key), static_cast<int64_t>(b.data.size()), b.data.data(),
+                             std::get<2>(key)});
   }
   return Status::OK();
 }

@@ -580,7 +580,7 @@ TEST_F(PsServiceTest, WrongTokenAndMalformedPushesChangeNothing) {
   huge.set_data(std::string(reinterpret_cast<const char*>(big.data()), big.size() * 4));
   EXPECT_EQ(push_raw({huge}).error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
   // None of it changed the shard.
-  EXPECT_EQ(servers_[0]->shard().version(), 0);
+  EXPECT_EQ(servers_[0]->shard()->version(), 0);
   std::map<std::string, std::vector<float>> pulled = values_;
   auto fresh = Client();
   ASSERT_TRUE(fresh->Pull(Mutable(pulled)).ok());

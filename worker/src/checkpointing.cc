@@ -97,6 +97,51 @@ std::string ResumeDigest(const JobConfig& config) {
   return hex;
 }
 
+std::map<std::string, torch::Tensor> OptimizerSlots(torch::optim::Optimizer& optimizer, OptimizerConfig::Kind kind,
+                                                    const torch::Tensor& param) {
+  std::map<std::string, torch::Tensor> out;
+  auto& state = optimizer.state();
+  auto it = state.find(param.unsafeGetTensorImpl());
+  if (it == state.end()) return out;  // no step taken yet
+  auto add = [&](const char* slot, const torch::Tensor& t) {
+    if (t.defined()) out[slot] = t;
+  };
+  if (kind == OptimizerConfig::ADAMW) {
+    auto& st = static_cast<torch::optim::AdamWParamState&>(*it->second);
+    add("exp_avg", st.exp_avg());
+    add("exp_avg_sq", st.exp_avg_sq());
+    add("max_exp_avg_sq", st.max_exp_avg_sq());
+    out["step"] = torch::tensor(st.step(), torch::kInt64);
+  } else {
+    add("momentum_buffer", static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer());
+  }
+  return out;
+}
+
+void SetOptimizerSlots(torch::optim::Optimizer& optimizer, OptimizerConfig::Kind kind, const torch::Tensor& param,
+                       const std::map<std::string, torch::Tensor>& slots) {
+  auto& state = optimizer.state();
+  void* key = param.unsafeGetTensorImpl();
+  state.erase(key);
+  auto get = [&](const char* slot) {
+    auto it = slots.find(slot);
+    return it == slots.end() ? torch::Tensor() : it->second;
+  };
+  if (kind == OptimizerConfig::ADAMW) {
+    if (slots.empty()) return;
+    auto st = std::make_unique<torch::optim::AdamWParamState>();
+    if (torch::Tensor t = get("exp_avg"); t.defined()) st->exp_avg(t);
+    if (torch::Tensor t = get("exp_avg_sq"); t.defined()) st->exp_avg_sq(t);
+    if (torch::Tensor t = get("max_exp_avg_sq"); t.defined()) st->max_exp_avg_sq(t);
+    if (torch::Tensor t = get("step"); t.defined()) st->step(t.item<int64_t>());
+    state[key] = std::move(st);
+  } else if (torch::Tensor t = get("momentum_buffer"); t.defined()) {
+    auto st = std::make_unique<torch::optim::SGDParamState>();
+    st->momentum_buffer(t);
+    state[key] = std::move(st);
+  }
+}
+
 Status CaptureCheckpoint(const JobConfig& config, const char* mode, int world_size, const TrainingObjects& o,
                          const TrainerState& state, CheckpointData* out) {
   torch::NoGradGuard no_grad;
@@ -109,29 +154,14 @@ Status CaptureCheckpoint(const JobConfig& config, const char* mode, int world_si
   out->tensors.clear();
   out->sections.clear();
   const NamedState named = Collect(o);
-  auto& opt_state = o.optimizer->state();
   for (const auto& [name, p] : named.parameters) {
     TensorRecord r;
     DTRAIN_RETURN_IF_ERROR(TensorToRecord(name, p, &r));
     out->tensors.push_back(std::move(r));
-    auto it = opt_state.find(p.unsafeGetTensorImpl());
-    if (it == opt_state.end()) continue;  // no step taken yet
-    auto add = [&](const char* slot, const torch::Tensor& t) -> Status {
-      if (!t.defined()) return Status::OK();
+    for (const auto& [slot, t] : OptimizerSlots(*o.optimizer, o.optimizer_kind, p)) {
       TensorRecord s;
       DTRAIN_RETURN_IF_ERROR(TensorToRecord("optim/" + name + "/" + slot, t, &s));
       out->tensors.push_back(std::move(s));
-      return Status::OK();
-    };
-    if (o.optimizer_kind == OptimizerConfig::ADAMW) {
-      auto& st = static_cast<torch::optim::AdamWParamState&>(*it->second);
-      DTRAIN_RETURN_IF_ERROR(add("exp_avg", st.exp_avg()));
-      DTRAIN_RETURN_IF_ERROR(add("exp_avg_sq", st.exp_avg_sq()));
-      DTRAIN_RETURN_IF_ERROR(add("max_exp_avg_sq", st.max_exp_avg_sq()));
-      DTRAIN_RETURN_IF_ERROR(add("step", torch::tensor(st.step(), torch::kInt64)));
-    } else {
-      auto& st = static_cast<torch::optim::SGDParamState&>(*it->second);
-      DTRAIN_RETURN_IF_ERROR(add("momentum_buffer", st.momentum_buffer()));
     }
   }
   for (const auto& [name, b] : named.buffers) {
@@ -205,23 +235,8 @@ Status RestoreCheckpoint(const CheckpointData& data, const TrainingObjects& o, T
   // 2. Apply.
   torch::NoGradGuard no_grad;
   for (auto& [target, value] : copies) target.copy_(value);
-  auto& opt_state = o.optimizer->state();
-  opt_state.clear();
-  for (OptState& os : opt_states) {
-    void* key = os.param.unsafeGetTensorImpl();
-    if (o.optimizer_kind == OptimizerConfig::ADAMW) {
-      auto st = std::make_unique<torch::optim::AdamWParamState>();
-      if (os.slots.count("exp_avg")) st->exp_avg(os.slots["exp_avg"]);
-      if (os.slots.count("exp_avg_sq")) st->exp_avg_sq(os.slots["exp_avg_sq"]);
-      if (os.slots.count("max_exp_avg_sq")) st->max_exp_avg_sq(os.slots["max_exp_avg_sq"]);
-      if (os.slots.count("step")) st->step(os.slots["step"].item<int64_t>());
-      opt_state[key] = std::move(st);
-    } else if (os.slots.count("momentum_buffer")) {
-      auto st = std::make_unique<torch::optim::SGDParamState>();
-      st->momentum_buffer(os.slots["momentum_buffer"]);
-      opt_state[key] = std::move(st);
-    }
-  }
+  o.optimizer->state().clear();
+  for (OptState& os : opt_states) SetOptimizerSlots(*o.optimizer, o.optimizer_kind, os.param, os.slots);
   *state = ts;
   return Status::OK();
 }

@@ -9,6 +9,9 @@
 
 #include "dtrain/common/config.h"
 #include "dtrain/common/env.h"
+#include "dtrain/common/rpc.h"
+#include "dtrain/paramserver/mpmd.h"
+#include "dtrain/worker/async_strategy.h"
 #include "dtrain/worker/collective/mpi_collective.h"
 #include "dtrain/worker/sync_strategy.h"
 
@@ -43,17 +46,73 @@ Status MakeSyncStrategy(JobConfig* config, std::unique_ptr<Strategy>* out) {
   return Status::OK();
 }
 
+// Threads per rank when training.threads is 0: the cores over the ranks on
+// this node.
+void DefaultThreads(JobConfig* config) {
+  if (config->training().threads() != 0) return;
+  const int local = std::max(1, std::atoi(env::Get(env::kOmpiLocalSize, "1")));
+  const int cores = std::max(1u, std::thread::hardware_concurrency());
+  config->mutable_training()->set_threads(std::max(1, cores / local));
+}
+
+// The async strategy: under mpirun, the worker ranks of an MPMD world whose
+// shard ranks publish their addresses (paramserver/mpmd.h); alone, one
+// worker talking to the shards listed in DTRAIN_PS_ADDRESSES.
+Status MakeAsyncStrategy(JobConfig* config, bool* mpmd, std::unique_ptr<Strategy>* out) {
+  AsyncStrategyOptions o;
+  o.config = config->parallelism().async();
+  *mpmd = collective::MpiRuntime::LaunchedByMpirun();
+  if (*mpmd) {
+    DTRAIN_RETURN_IF_ERROR(collective::MpiRuntime::Init());
+    collective::MpiCollectiveOptions co;
+    co.timeout = std::chrono::milliseconds(static_cast<int64_t>(1e3 * o.config.rpc_timeout_s()));
+    std::unique_ptr<collective::MpiCollective> coll;
+    DTRAIN_RETURN_IF_ERROR(collective::MpiCollective::CreateSplit(co, paramserver::mpmd::kWorkerColor, &coll));
+    DTRAIN_RETURN_IF_ERROR(paramserver::mpmd::WorkerReceive(&o.addresses));
+    if (coll->size() != config->launch().workers() && coll->rank() == 0) {
+      spdlog::warn("launch.workers is {} but mpirun started {} worker(s): training with {}",
+                   config->launch().workers(), coll->size(), coll->size());
+    }
+    config->mutable_launch()->set_workers(coll->size());
+    o.workers = std::move(coll);
+  } else {
+    const char* list = env::Get(env::kPsAddresses, nullptr);
+    if (list == nullptr || *list == '\0') {
+      return Status::FailedPrecondition(
+          "parallelism.async needs parameter-server shards: start the job with `dtrain run` (it launches them), "
+          "or mpirun -np S dtrain-ps --config JOB : -np N dtrain-worker --config JOB, or give one worker the "
+          "addresses of running dtrain-ps processes in " + std::string(env::kPsAddresses) + " (HOST:PORT,...)");
+    }
+    std::string rest = list;
+    while (!rest.empty()) {
+      const size_t comma = rest.find(',');
+      const std::string a = rest.substr(0, comma);
+      if (!a.empty()) o.addresses.push_back(a);
+      rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
+    }
+    config->mutable_launch()->set_workers(1);
+  }
+  DTRAIN_RETURN_IF_ERROR(rpc::LoadJobToken("", &o.token));
+  DefaultThreads(config);
+  o.stats_path = config->run_dir() + "/paramserver.json";
+  *out = std::make_unique<AsyncStrategy>(std::move(o));
+  return Status::OK();
+}
+
 }  // namespace
 
 Status RunJob(const JobConfig& job, const TrainerOptions& options, TrainResult* result) {
   JobConfig config = job;
-  if (config.parallelism().mode_case() != ParallelismConfig::kSync) {
+  if (config.parallelism().mode_case() == ParallelismConfig::kPipeline) {
     return Status::FailedPrecondition(std::string("parallelism.") + ParallelismModeName(config) +
                                       ": the " + ParallelismModeName(config) +
                                       " strategy is not built yet (docs/status.md); use --set 'parallelism.sync={}'");
   }
   std::unique_ptr<Strategy> strategy;
-  if (collective::MpiRuntime::LaunchedByMpirun()) {
+  bool mpmd = false;
+  if (config.parallelism().mode_case() == ParallelismConfig::kAsync) {
+    DTRAIN_RETURN_IF_ERROR(MakeAsyncStrategy(&config, &mpmd, &strategy));
+  } else if (collective::MpiRuntime::LaunchedByMpirun()) {
     DTRAIN_RETURN_IF_ERROR(MakeSyncStrategy(&config, &strategy));
   } else {
     if (config.launch().workers() > 1) {
@@ -69,6 +128,8 @@ Status RunJob(const JobConfig& job, const TrainerOptions& options, TrainResult* 
     DTRAIN_RETURN_IF_ERROR(Trainer::Create(config, std::move(strategy), options, &trainer));
     DTRAIN_RETURN_IF_ERROR(trainer->Run(&r));
   }
+  // The shards of an MPMD job exit once every worker is here.
+  if (mpmd) DTRAIN_RETURN_IF_ERROR(paramserver::mpmd::JobDone(50));
   if (r.evaluated) {
     std::printf("\nRetrieval on the Fashion-MNIST test set (%lld queries, leave-one-out):\n%s",
                 static_cast<long long>(r.model_metrics.queries),

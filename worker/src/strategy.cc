@@ -8,7 +8,8 @@ Status Strategy::ComputeLoss(models::LossModuleImpl& loss, const torch::Tensor& 
   return Status::OK();
 }
 
-Status Strategy::ApplyUpdate(torch::optim::Optimizer& optimizer) {
+Status Strategy::ApplyUpdate(torch::optim::Optimizer& optimizer, bool* recompute) {
+  *recompute = false;
   optimizer.step();
   return Status::OK();
 }

@@ -26,7 +26,7 @@
 #include "dtrain/models/registry.h"
 #include "dtrain/worker/checkpointing.h"
 #include "dtrain/worker/evaluation.h"
-#include "dtrain/worker/lr_schedule.h"
+#include "dtrain/common/lr_schedule.h"
 
 namespace dtrain::worker {
 namespace {
@@ -204,6 +204,7 @@ Status Trainer::Impl::SaveCheckpoint(const TrainerState& state) {
   const torch::Tensor rng = at::detail::getDefaultCPUGenerator().get_state();
   s.set_torch_rng_state(std::string(static_cast<const char*>(rng.data_ptr()), rng.numel()));
   CheckpointData data;
+  DTRAIN_RETURN_IF_ERROR(strategy->PrepareCheckpoint().WithContext("checkpoint at step " + std::to_string(state.step())));
   DTRAIN_RETURN_IF_ERROR(Guard("checkpoint snapshot", [&] {
     return CaptureCheckpoint(config, strategy->name(), strategy->world_size(), Objects(), s, &data);
   }));
@@ -338,6 +339,15 @@ Status Trainer::Create(const JobConfig& config, std::unique_ptr<Strategy> strate
 
   std::vector<torch::Tensor> buffers;
   for (const auto& b : impl->model->buffers()) buffers.push_back(b);
+  TrainingContext context;
+  for (const auto& p : impl->model->named_parameters()) context.parameter_names.push_back("model/" + p.key());
+  for (const auto& p : impl->loss->named_parameters()) context.parameter_names.push_back("loss/" + p.key());
+  context.optimizer = impl->optimizer.get();
+  context.optimizer_kind = config.optimizer().kind();
+  context.schedule = impl->schedule;
+  context.resumed = impl->resumed;
+  context.start_step = impl->resumed ? impl->resume_state.step() : 0;
+  impl->strategy->Attach(context);
   DTRAIN_RETURN_IF_ERROR(impl->strategy->Setup(impl->parameters, buffers));
 
   if (checkpointing && options.write_outputs && s.is_chief()) {
@@ -400,7 +410,9 @@ Status Trainer::Run(TrainResult* result) {
   const auto run_start = Clock::now();
   auto interval_start = run_start;
 
+  const bool slow = cfg.training().slow_rank() >= 0 && cfg.training().slow_factor() > 1.0f;
   bool interrupted = false;
+  bool finished = false;  // strategy.Finish() called
   for (int64_t epoch = first_epoch; epoch < epochs && step < m.total_steps && !interrupted; ++epoch) {
     // A resumed epoch continues from the restored sampler position.
     loader.StartEpoch(static_cast<uint64_t>(epoch), /*reset_position=*/!(m.resumed && epoch == first_epoch));
@@ -429,17 +441,30 @@ Status Trainer::Run(TrainResult* result) {
 
       models::LossOutput lo;
       Status st = Guard("training step", [&]() -> Status {
-        m.optimizer->zero_grad();
-        torch::Tensor emb = m.model->forward(batch.images);
-        DTRAIN_RETURN_IF_ERROR(strategy.ComputeLoss(*m.loss, emb, batch.labels, &lo));
-        lo.loss.backward();
-        DTRAIN_RETURN_IF_ERROR(strategy.FinishGradients());
-        if (cfg.optimizer().grad_clip_norm() > 0) {
-          torch::nn::utils::clip_grad_norm_(m.parameters, cfg.optimizer().grad_clip_norm());
+        DTRAIN_RETURN_IF_ERROR(strategy.BeginStep());
+        // Repeated when the strategy asks for it (async: gradients refused
+        // as too stale, fresh parameters pulled), on the same batch.
+        bool recompute = true;
+        while (recompute) {
+          m.optimizer->zero_grad();
+          torch::Tensor emb = m.model->forward(batch.images);
+          DTRAIN_RETURN_IF_ERROR(strategy.ComputeLoss(*m.loss, emb, batch.labels, &lo));
+          lo.loss.backward();
+          DTRAIN_RETURN_IF_ERROR(strategy.FinishGradients());
+          if (cfg.optimizer().grad_clip_norm() > 0) {
+            torch::nn::utils::clip_grad_norm_(m.parameters, cfg.optimizer().grad_clip_norm());
+          }
+          DTRAIN_RETURN_IF_ERROR(strategy.ApplyUpdate(*m.optimizer, &recompute));
         }
-        return strategy.ApplyUpdate(*m.optimizer);
+        return Status::OK();
       });
       if (!st.ok()) return st.WithContext("step " + std::to_string(step));
+      if (slow && strategy.rank() == cfg.training().slow_rank()) {
+        // Fault injection (training.slow_rank): this worker's steps take
+        // slow_factor times as long.
+        std::this_thread::sleep_for(std::chrono::duration<double>(
+            (static_cast<double>(cfg.training().slow_factor()) - 1.0) * Seconds(t1, Clock::now())));
+      }
       const auto t2 = Clock::now();
 
       const double loss_value = lo.loss.item<double>();
@@ -499,12 +524,18 @@ Status Trainer::Run(TrainResult* result) {
     }
     if (bar) bar->Finish();
     const bool epoch_done = !interrupted && (step % per_epoch == 0 || step == m.total_steps);
+    if (step == m.total_steps && !interrupted) {
+      // Every worker is done before the final checkpoint and model (async:
+      // the chief then holds every worker's last update).
+      DTRAIN_RETURN_IF_ERROR(strategy.Finish());
+      finished = true;
+    }
     if (epoch_done && strategy.is_chief() &&
         (step == m.total_steps || (ck.every_epochs() > 0 && (epoch + 1) % ck.every_epochs() == 0))) {
       DTRAIN_RETURN_IF_ERROR(m.SaveCheckpoint(state_at(static_cast<uint64_t>(epoch + 1), 0)));
     }
   }
-  DTRAIN_RETURN_IF_ERROR(strategy.Finish());
+  if (!finished) DTRAIN_RETURN_IF_ERROR(strategy.Finish());
   if (m.writer) DTRAIN_RETURN_IF_ERROR(m.writer->Flush().WithContext("writing checkpoints"));
 
   TrainResult r;

@@ -27,6 +27,9 @@ inline constexpr const char* kOmpiLocalSize = "OMPI_COMM_WORLD_LOCAL_SIZE";
 // The job token every dtrain RPC must carry (common/rpc.h). Launchers give it
 // to the processes they start through this variable, never on a command line
 // (where `ps` would show it).
+// Addresses (HOST:PORT,...) of running dtrain-ps shards for one async worker
+// started without mpirun.
+inline constexpr const char* kPsAddresses = "DTRAIN_PS_ADDRESSES";
 inline constexpr const char* kJobToken = "DTRAIN_JOB_TOKEN";
 
 // Returns the variable's value, or `fallback` when it is unset or empty.

@@ -28,11 +28,14 @@ struct MpirunRequest {
   // Programs. Defaults: dtrain-worker beside this executable, and
   // launch/mpirun.sh of the source tree this binary was built from.
   std::string worker_binary;
+  // parallelism.async: dtrain-ps beside this executable by default.
+  std::string ps_binary;
   std::string mpirun_script;
 };
 
 // The argv that runs the job: bash mpirun.sh -n N [--hostfile H]
-// [--oversubscribe] [--mpi-arg A]... -- dtrain-worker --config ... .
+// [--oversubscribe] [--mpi-arg A]... [--ps S --ps-program dtrain-ps]
+// -- dtrain-worker --config ... (async jobs: S shards first, an MPMD line).
 // InvalidArgument / NotFound when a program or the hostfile is missing.
 Status BuildMpirunCommand(const JobConfig& config, const MpirunRequest& request, std::vector<std::string>* argv);
 

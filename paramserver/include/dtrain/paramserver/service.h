@@ -12,11 +12,21 @@
 // flight); the shard's per-slice locks let pulls and pushes of different
 // workers overlap.
 //
+// A server started without slices (dtrain-ps) is empty until the chief
+// worker's Init: its first message carries a ShardSetup (the shard's part of
+// the plan and the LR schedule), from which a new ParameterShard is built and
+// initialised; only then does it replace the current one (a failed Init
+// changes nothing). Pushes, pulls and Info of an empty shard get
+// FAILED_PRECONDITION / initialized = false.
+//
 // Client: one channel per shard; Push and Pull talk to every shard in
-// parallel (one thread per shard) and keep one version per shard.
+// parallel (one thread per shard) and keep one version per shard. Under the
+// WAIT policy a pull takes the lease on shard 0 first and then reads the
+// other shards; a push goes to shard 0 last (shard.h says why).
 #pragma once
 
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <vector>
@@ -30,6 +40,8 @@
 namespace dtrain::paramserver {
 
 struct PsServerOptions {
+  // Optimizer, staleness and policies of the shard. Empty `slices`: the shard
+  // starts empty and learns its slices from the first Init.
   ShardOptions shard;
   std::string bind_address = "127.0.0.1";
   int port = 0;  // 0: pick a free one
@@ -39,12 +51,22 @@ struct PsServerOptions {
   int64_t chunk_bytes = 4 << 20;  // pull chunks
 };
 
+// The options of shard `shard` of `config`'s parallelism.async (optimizer,
+// staleness bound and policies, threads, message and chunk sizes, bind
+// address); no slices (the chief's Init brings them).
+PsServerOptions PsServerOptionsFromConfig(const JobConfig& config, int shard, const std::string& token);
+
+// The address workers dial for a server bound to `bind_address`: itself, or
+// this host's name for 0.0.0.0 / [::].
+std::string AdvertisedAddress(const std::string& bind_address, int port);
+
 class PsServer {
  public:
   ~PsServer();
   static Status Start(const PsServerOptions& options, std::unique_ptr<PsServer>* out);
   int port() const;
-  ParameterShard& shard();
+  // The current shard; null while an empty server awaits its Init.
+  std::shared_ptr<ParameterShard> shard();
   void Shutdown();
 
  private:
@@ -61,11 +83,30 @@ struct PsClientOptions {
   int64_t chunk_bytes = 4 << 20;
   int max_message_bytes = 64 << 20;
   double timeout_s = 120;
+  // This worker's index (sent with pushes; names its WAIT lease).
+  int worker = 0;
+  AsyncConfig::StalenessPolicy staleness_policy = AsyncConfig::REJECT;
 };
 
 // name -> the flattened tensor's floats.
 using ConstTensors = std::map<std::string, const float*>;
 using Tensors = std::map<std::string, float*>;
+
+struct PsInitOptions {
+  // Send each shard its part of the plan and the LR schedule (shard,
+  // num_shards and slices are filled in per shard).
+  bool send_setup = true;
+  ShardSetup setup;
+  // Optimizer state by slot name ("momentum_buffer", "exp_avg",
+  // "exp_avg_sq"), as on a resume; tensors of the plan.
+  std::map<std::string, std::map<std::string, const float*>> slots;
+  int64_t optimizer_step = 0;
+};
+
+struct PsStateSnapshot {
+  int64_t optimizer_step = 0;
+  std::set<std::pair<std::string, std::string>> received;  // (slot, tensor)
+};
 
 class PsClient {
  public:
@@ -73,16 +114,36 @@ class PsClient {
   // InvalidArgument when the plan's shard count differs from the addresses'.
   static Status Connect(const PsClientOptions& options, std::unique_ptr<PsClient>* out);
 
-  // Sets every shard's values (all tensors of the plan) and version.
+  // Sets every shard's values (all tensors of the plan, sent as float32),
+  // version and, with `options`, slices, schedule and optimizer state.
   Status Init(const ConstTensors& values, int64_t version);
+  Status Init(const ConstTensors& values, int64_t version, const PsInitOptions& options);
   // Pushes gradients (all tensors of the plan) computed on the parameters of
   // the last Pull; `replies` (may be null) gets each shard's answer. A shard
   // that refuses the push as stale returns Aborted (the caller re-pulls);
-  // the other shards may have applied theirs.
-  Status Push(const ConstTensors& grads, std::vector<PushReply>* replies);
+  // the other shards may have applied theirs: `statuses` (may be null) gets
+  // each shard's outcome, and `only` (may be null) limits the push to the
+  // shards marked true (a retry after a partial refusal).
+  // `base_versions` (may be null): the shard versions the gradients were
+  // computed on, when not those of the last Pull (a prefetching worker).
+  Status Push(const ConstTensors& grads, std::vector<PushReply>* replies, std::vector<Status>* statuses = nullptr,
+              const std::vector<bool>* only = nullptr, const std::vector<int64_t>* base_versions = nullptr);
+  struct PullOptions {
+    // WAIT policy: take this worker's lease on shard 0 first (may wait;
+    // DeadlineExceeded after timeout_s).
+    bool lease = true;
+    // Everything, not only what changed since the last pull (for buffers
+    // that do not hold the last pull's values).
+    bool everything = false;
+  };
   // Pulls what changed since the last pull into `params` (everything on the
   // first call) and records each shard's version.
-  Status Pull(const Tensors& params);
+  Status Pull(const Tensors& params) { return Pull(params, PullOptions()); }
+  Status Pull(const Tensors& params, const PullOptions& options);
+  // Everything, values and optimizer state, for a checkpoint: values into
+  // `params`, slots into `slots` (slot -> tensor -> buffer; a slot the shard
+  // has but `slots` lacks is an error). Records each shard's version.
+  Status PullState(const Tensors& params, const std::map<std::string, Tensors>& slots, PsStateSnapshot* out);
   Status Info(int shard, ShardInfo* info);
 
   const std::vector<int64_t>& versions() const { return versions_; }

@@ -24,10 +24,27 @@
 // copying: a pull that runs beside a push may already see some of that push's
 // slices, and the next pull (since the returned version) fetches the rest.
 //
+// Staleness policy WAIT (leases). Instead of refusing stale pushes after the
+// fact, the shard makes workers wait before they compute, so that no push is
+// ever more than tau updates stale. A worker takes a lease before it reads
+// the parameters (AcquireLease, then Pull) and its next push releases it. A
+// lease records the version b_w its holder read. With F the leases held by
+// other workers and v the current version, a new lease is granted when
+//     |F| + max over w in F of (v - b_w)  <=  tau          (0 when F is empty)
+// i.e. when every computation in flight, including the new one, would still
+// be within the bound if all the others pushed before it. Pushes never wait,
+// so workers cannot deadlock; tau = 0 admits one computation at a time
+// (sequential consistency); a lease not released within lease_timeout (a dead
+// worker) is dropped, and its holder's late push is checked as usual. In a
+// job of several shards only shard 0 grants leases, and workers push to
+// shard 0 last (service.h), so shard 0's order bounds every shard.
+//
 // Thread-safety: every method may be called from many threads at once.
 #pragma once
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -50,6 +67,8 @@ struct SliceView {
   int64_t offset = 0;
   int64_t length = 0;
   const float* data = nullptr;
+  // Empty for values and gradients; an optimizer slot name for state.
+  std::string slot;
 };
 
 // A slice's values as pulled.
@@ -65,6 +84,9 @@ struct ShardOptions {
   std::vector<ParamSlice> slices;  // this shard's part of the plan
   OptimizerConfig optimizer;
   int max_staleness = 4;
+  AsyncConfig::StalenessPolicy staleness_policy = AsyncConfig::REJECT;
+  // WAIT: a lease not released by a push within this time is dropped.
+  std::chrono::milliseconds lease_timeout{120000};
   AsyncConfig::NonFinitePolicy nonfinite_policy = AsyncConfig::NONFINITE_REJECT;
   // The learning rate of the update that takes the shard from version v to
   // v + 1. Default: optimizer.lr, constant.
@@ -83,6 +105,9 @@ struct ShardCounters {
   int64_t rejected_invalid = 0;
   int64_t skipped_nonfinite = 0;
   std::map<int64_t, int64_t> staleness_histogram;  // staleness -> accepted pushes
+  int64_t lease_waits = 0;     // leases that were not granted at once
+  double lease_wait_s = 0;     // time spent waiting for them
+  int64_t leases_expired = 0;
 };
 
 class ParameterShard {
@@ -91,16 +116,29 @@ class ParameterShard {
   static Status Create(const ShardOptions& options, std::unique_ptr<ParameterShard>* out);
 
   // Sets every slice's values and the version (a new job: 0; a resume: the
-  // checkpoint's step). Optimizer state starts empty. InvalidArgument, and
-  // nothing changed, unless `values` covers exactly this shard's slices.
-  Status Initialize(const std::vector<SliceView>& values, int64_t version);
+  // checkpoint's). Views with an empty slot must cover exactly this shard's
+  // slices; views with a slot name (a resume) set that optimizer slot of
+  // their slice (slots not given start empty), and `optimizer_step` is every
+  // slice's update count. InvalidArgument, and nothing changed, otherwise.
+  Status Initialize(const std::vector<SliceView>& values, int64_t version, int64_t optimizer_step = 0);
 
-  Status Push(int64_t base_version, const std::vector<SliceView>& grads, PushResult* result);
+  // `worker` >= 0 releases that worker's lease (WAIT policy).
+  Status Push(int64_t base_version, const std::vector<SliceView>& grads, PushResult* result, int worker = -1);
+  // WAIT policy: blocks until `worker` may start a computation (see above),
+  // then records its lease at the current version. DeadlineExceeded after
+  // `timeout`; FailedPrecondition unless the policy is WAIT.
+  Status AcquireLease(int worker, std::chrono::milliseconds timeout);
   Status Pull(int64_t since_version, std::vector<SliceValues>* out, int64_t* version) const;
   // As Pull, without the copy: `visit` sees each changed slice's values under
   // its lock (it must not call back into the shard).
   Status VisitChanged(int64_t since_version, int64_t* version,
                       const std::function<void(const ParamSlice&, const float* values)>& visit) const;
+
+  // Everything a checkpoint needs, consistent with one version: `visit` sees
+  // every slice's values (slot "") and each non-empty optimizer slot; pushes
+  // wait meanwhile. *optimizer_step gets the update count of the slices.
+  Status VisitState(int64_t* version, int64_t* optimizer_step,
+                    const std::function<void(const ParamSlice&, const std::string& slot, const float* values)>& visit) const;
 
   // The length of this shard's slice (name, offset), or -1 when it has none.
   int64_t SliceLength(const std::string& name, int64_t offset) const;
@@ -108,6 +146,7 @@ class ParameterShard {
   int shard() const { return options_.shard; }
 
   int64_t version() const { return version_.load(); }
+  const ShardOptions& options() const { return options_; }
   bool initialized() const { return initialized_.load(); }
   ShardCounters counters() const;
 
@@ -119,7 +158,13 @@ class ParameterShard {
   ShardOptions options_;
   ServerOptimizer optimizer_;
   std::map<std::pair<std::string, int64_t>, std::unique_ptr<Slot>> slots_;
-  std::mutex apply_mu_;  // steps 2-3: admission and the version
+  mutable std::mutex apply_mu_;  // steps 2-3: admission and the version; the leases
+  std::condition_variable lease_cv_;
+  struct Lease {
+    int64_t version = 0;
+    std::chrono::steady_clock::time_point since;
+  };
+  std::map<int, Lease> leases_;  // GUARDED_BY(apply_mu_)
   std::atomic<int64_t> version_{0};
   std::atomic<bool> initialized_{false};
   mutable std::mutex counters_mu_;

@@ -10,6 +10,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -51,7 +52,7 @@ class SliceAssembler {
     std::vector<std::pair<int64_t, int64_t>> filled;  // [begin, end) ranges
   };
   std::function<int64_t(const std::string&, int64_t)> length_of_;
-  std::map<std::pair<std::string, int64_t>, Buffer> buffers_;
+  std::map<std::tuple<std::string, int64_t, std::string>, Buffer> buffers_;  // (name, offset, slot)
 };
 
 }  // namespace dtrain::paramserver

@@ -18,6 +18,7 @@
 
 #include <torch/torch.h>
 
+#include <map>
 #include <string>
 
 #include "dtrain/common/checkpoint_store.h"
@@ -45,6 +46,16 @@ struct TrainingObjects {
   torch::optim::Optimizer* optimizer = nullptr;
   OptimizerConfig::Kind optimizer_kind = OptimizerConfig::SGD;
 };
+
+// The optimizer state of `param` by slot name (SGD: momentum_buffer; AdamW:
+// exp_avg, exp_avg_sq, max_exp_avg_sq, step as an int64 scalar); empty before
+// its first step. The tensors are the optimizer's own (not copies).
+std::map<std::string, torch::Tensor> OptimizerSlots(torch::optim::Optimizer& optimizer, OptimizerConfig::Kind kind,
+                                                    const torch::Tensor& param);
+// Replaces `param`'s optimizer state by `slots` (names as above; an empty map
+// clears it).
+void SetOptimizerSlots(torch::optim::Optimizer& optimizer, OptimizerConfig::Kind kind, const torch::Tensor& param,
+                       const std::map<std::string, torch::Tensor>& slots);
 
 // Fills `out` with copies of everything, plus the manifest fields.
 Status CaptureCheckpoint(const JobConfig& config, const char* mode, int world_size, const TrainingObjects& objects,

@@ -14,11 +14,19 @@ namespace dtrain::worker {
 // launcher), MPI is initialised and the job trains with the SyncStrategy over
 // all ranks of MPI_COMM_WORLD (the world size comes from MPI; a different
 // launch.workers only gets a warning). Otherwise one local worker trains.
+//
+// parallelism.async: under mpirun this process is one worker rank of an MPMD
+// world with dtrain-ps ranks (paramserver/mpmd.h): it learns the shards'
+// addresses from them, trains with the AsyncStrategy, and at the end waits
+// with the shards until every worker is done. Without mpirun one worker
+// trains against the shards in DTRAIN_PS_ADDRESSES. The job token comes from
+// DTRAIN_JOB_TOKEN.
+//
 // training.threads = 0 gives each rank cores / (ranks on its node) threads.
 //
 // FailedPrecondition, naming the field, for a mode this build cannot run yet
-// (async, pipeline) or a backend it cannot use (NCCL: the trainer computes on
-// the CPU until GPU placement lands).
+// (pipeline) or a backend it cannot use (NCCL: the trainer computes on the
+// CPU until GPU placement lands).
 //
 // After a failure in a multi-rank job the caller must end every rank
 // (FailJob below): the peers may be blocked in a collective.

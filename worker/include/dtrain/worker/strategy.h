@@ -4,7 +4,11 @@
 // owns everything distributed. Sync all-reduce, the async parameter-server
 // client and pipeline stages implement this interface; the loop does not change.
 //
+// Before Setup() the trainer calls Attach() with what a strategy may need
+// beyond the tensors (names, optimizer, schedule, the step resumed from).
+//
 // Per training step the trainer calls, in this order, on every rank:
+//   0. BeginStep(): e.g. load parameters pulled ahead;
 //   1. takes this rank's batch from a sampler built with rank() / world_size();
 //   2. forward, then ComputeLoss(): the default evaluates the loss on the local
 //      batch; a strategy may all-gather embeddings first (global mining);
@@ -14,23 +18,46 @@
 //      across ranks);
 //   5. gradient clipping, if configured;
 //   6. ApplyUpdate(): the default steps the local optimizer; an async strategy
-//      pushes gradients and pulls parameters instead;
+//      pushes gradients and pulls parameters instead. It may ask for the step
+//      to be computed again on the same batch (*recompute: the parameter
+//      server refused the gradients as too stale and fresh parameters were
+//      pulled); the trainer then repeats 2-6;
 //   7. AverageAcrossWorkers() for figures that are logged.
 // Setup() is called once, after the model and loss exist (and after a resume
-// restored them), before the first step; Finish() once after the last.
+// restored them), before the first step; Finish() once after the last step,
+// before the final checkpoint. The chief calls PrepareCheckpoint() before it
+// snapshots a checkpoint: a strategy whose parameters live elsewhere brings
+// the model and the optimizer state up to date there.
 //
 // Thread-safety: all calls come from the training thread.
 #pragma once
 
 #include <torch/torch.h>
 
+#include <string>
 #include <vector>
 
+#include "dtrain/common/lr_schedule.h"
 #include "dtrain/common/metrics_log.h"
 #include "dtrain/common/status.h"
+#include "dtrain/job.pb.h"
 #include "dtrain/models/loss.h"
 
 namespace dtrain::worker {
+
+// What the trainer tells a strategy before Setup().
+struct TrainingContext {
+  // Checkpoint names of Setup()'s parameters, in the same order
+  // ("model/<name>", "loss/<name>", worker/checkpointing.h).
+  std::vector<std::string> parameter_names;
+  torch::optim::Optimizer* optimizer = nullptr;
+  OptimizerConfig::Kind optimizer_kind = OptimizerConfig::SGD;
+  // The job's LR schedule over this worker's steps.
+  LrScheduleOptions schedule;
+  // The step training starts at (the checkpoint's on a resume, else 0).
+  int64_t start_step = 0;
+  bool resumed = false;
+};
 
 class Strategy {
  public:
@@ -43,13 +70,16 @@ class Strategy {
   // The rank that writes metrics, evaluation and checkpoints.
   bool is_chief() const { return rank() == 0; }
 
+  virtual void Attach(const TrainingContext& context) {}
   virtual Status Setup(const std::vector<torch::Tensor>& parameters, const std::vector<torch::Tensor>& buffers) {
     return Status::OK();
   }
+  virtual Status BeginStep() { return Status::OK(); }
   virtual Status ComputeLoss(models::LossModuleImpl& loss, const torch::Tensor& embeddings,
                              const torch::Tensor& labels, models::LossOutput* out);
   virtual Status FinishGradients() { return Status::OK(); }
-  virtual Status ApplyUpdate(torch::optim::Optimizer& optimizer);
+  virtual Status ApplyUpdate(torch::optim::Optimizer& optimizer, bool* recompute);
+  virtual Status PrepareCheckpoint() { return Status::OK(); }
   virtual double AverageAcrossWorkers(double value) { return value; }
   // Adds this strategy's per-step figures (communication time, staleness, ...)
   // to the record written to metrics.jsonl.

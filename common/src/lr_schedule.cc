@@ -1,9 +1,9 @@
-#include "dtrain/worker/lr_schedule.h"
+#include "dtrain/common/lr_schedule.h"
 
 #include <algorithm>
 #include <cmath>
 
-namespace dtrain::worker {
+namespace dtrain {
 
 double LearningRate(const LrScheduleOptions& o, int64_t step) {
   const ScheduleConfig& s = o.schedule;
@@ -36,4 +36,4 @@ double LearningRate(const LrScheduleOptions& o, int64_t step) {
   return o.base_lr;
 }
 
-}  // namespace dtrain::worker
+}  // namespace dtrain

@@ -8,7 +8,7 @@
 
 #include "dtrain/job.pb.h"
 
-namespace dtrain::worker {
+namespace dtrain {
 
 struct LrScheduleOptions {
   ScheduleConfig schedule;   // kind, warm-up, decay
@@ -26,4 +26,4 @@ struct LrScheduleOptions {
 //   STEP: base_lr x gamma^(number of milestones, in epochs, reached).
 double LearningRate(const LrScheduleOptions& options, int64_t step);
 
-}  // namespace dtrain::worker
+}  // namespace dtrain

@@ -1,10 +1,10 @@
-#include "dtrain/worker/lr_schedule.h"
+#include "dtrain/common/lr_schedule.h"
 
 #include <gtest/gtest.h>
 
 #include <cmath>
 
-namespace dtrain::worker {
+namespace dtrain {
 namespace {
 
 LrScheduleOptions Options(ScheduleConfig::Kind kind) {
@@ -53,4 +53,4 @@ TEST(LrScheduleTest, ConstantAfterWarmup) {
 }
 
 }  // namespace
-}  // namespace dtrain::worker
+}  // namespace dtrain
