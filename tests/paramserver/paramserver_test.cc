@@ -411,14 +411,20 @@ TEST(HalfTest, ConversionsMatchLibTorchBitForBit) {
 // Two shard servers on loopback and a client.
 class PsServiceTest : public ::testing::Test {
  protected:
-  void Start(int max_message_bytes = 64 << 20, int max_staleness = 4) {
+  // `empty`: the servers start without slices (as dtrain-ps does) and learn
+  // them from the client's Init.
+  void Start(int max_message_bytes = 64 << 20, int max_staleness = 4, bool empty = false,
+             AsyncConfig::StalenessPolicy policy = AsyncConfig::REJECT) {
     params_ = {{"w", 3000, 4}, {"b", 50, 4}, {"c", 700, 4}};
     ASSERT_TRUE(PlanShards(params_, 2, &plan_).ok());
+    policy_ = policy;
     for (int s = 0; s < 2; ++s) {
       PsServerOptions o;
       o.shard = SgdOptions(max_staleness);
       o.shard.shard = s;
-      o.shard.slices = plan_.shards[s];
+      o.shard.staleness_policy = policy;
+      o.shard.lease_timeout = std::chrono::milliseconds(lease_timeout_ms_);
+      if (!empty) o.shard.slices = plan_.shards[s];
       o.token = "job-token";
       o.max_message_bytes = max_message_bytes;
       o.chunk_bytes = 1000;  // many chunks per slice
@@ -429,13 +435,17 @@ class PsServiceTest : public ::testing::Test {
     }
     for (const ParamSpec& p : params_) values_[p.name].assign(static_cast<size_t>(p.numel), 0.25f);
   }
-  std::unique_ptr<PsClient> Client(Compression enc = COMPRESSION_NONE, const std::string& token = "job-token") {
+  std::unique_ptr<PsClient> Client(Compression enc = COMPRESSION_NONE, const std::string& token = "job-token",
+                                   int worker = 0) {
     PsClientOptions o;
     o.addresses = addresses_;
     o.token = token;
     o.plan = plan_;
     o.encoding = enc;
     o.chunk_bytes = 1000;
+    o.worker = worker;
+    o.staleness_policy = policy_;
+    o.timeout_s = 30;
     std::unique_ptr<PsClient> c;
     EXPECT_TRUE(PsClient::Connect(o, &c).ok());
     return c;
@@ -453,6 +463,8 @@ class PsServiceTest : public ::testing::Test {
 
   std::vector<ParamSpec> params_;
   ShardPlan plan_;
+  AsyncConfig::StalenessPolicy policy_ = AsyncConfig::REJECT;
+  int lease_timeout_ms_ = 120000;
   std::vector<std::unique_ptr<PsServer>> servers_;
   std::vector<std::string> addresses_;
   std::map<std::string, std::vector<float>> values_;
@@ -604,6 +616,151 @@ TEST_F(PsServiceTest, StalePushIsRefusedAndTheWorkerRecoversByPulling) {
   ASSERT_TRUE(b->Info(1, &info).ok());
   EXPECT_EQ(info.version(), 2);
   EXPECT_EQ(info.rejected_stale(), 1);
+}
+
+TEST_F(PsServiceTest, EmptyShardsLearnSlicesScheduleAndStateFromInit) {
+  Start(64 << 20, 4, /*empty=*/true);
+  auto client = Client();
+  // Before the chief's Init: nothing to push to or pull from.
+  ShardInfo info;
+  ASSERT_TRUE(client->Info(0, &info).ok());
+  EXPECT_FALSE(info.initialized());
+  std::map<std::string, std::vector<float>> pulled = values_, g = values_;
+  Status st = client->Pull(Mutable(pulled));
+  EXPECT_EQ(st.code(), Status::Code::kFailedPrecondition);
+  EXPECT_THAT(st.message(), HasSubstr("not initialised"));
+  // An Init without a setup cannot fill an empty shard.
+  EXPECT_EQ(client->Init(Const(values_), 0).code(), Status::Code::kFailedPrecondition);
+
+  // Init with slices, a schedule (lr 0.2 constant, 2 pushes per step) and
+  // momentum buffers, at version 10, optimizer step 5.
+  PsInitOptions io;
+  io.setup.mutable_schedule()->set_kind(ScheduleConfig::CONSTANT);
+  io.setup.mutable_schedule()->set_warmup_fraction(0);
+  io.setup.set_base_lr(0.2);
+  io.setup.set_total_steps(100);
+  io.setup.set_steps_per_epoch(10);
+  io.setup.set_updates_per_step(2);
+  std::map<std::string, std::vector<float>> momentum = values_;
+  for (auto& [k, v] : momentum) std::fill(v.begin(), v.end(), 0.5f);
+  io.slots["momentum_buffer"] = Const(momentum);
+  io.optimizer_step = 5;
+  ASSERT_TRUE(client->Init(Const(values_), 10, io).ok());
+  ASSERT_TRUE(client->Info(1, &info).ok());
+  EXPECT_TRUE(info.initialized());
+  EXPECT_EQ(info.version(), 10);
+  EXPECT_EQ(info.slices_size(), static_cast<int>(plan_.shards[1].size()));
+
+  // The state comes back as it went in.
+  std::map<std::string, std::vector<float>> mom_back = values_;
+  std::map<std::string, Tensors> slots = {{"momentum_buffer", Mutable(mom_back)}};
+  PsStateSnapshot snap;
+  ASSERT_TRUE(client->PullState(Mutable(pulled), slots, &snap).ok());
+  EXPECT_EQ(pulled, values_);
+  EXPECT_EQ(mom_back, momentum);
+  EXPECT_EQ(snap.optimizer_step, 5);
+  EXPECT_EQ(snap.received.size(), params_.size());
+  EXPECT_EQ(client->versions(), (std::vector<int64_t>{10, 10}));
+
+  // One push of gradient 1 applies Nesterov SGD with the restored momentum
+  // and the schedule's rate: buf = 0.9 * 0.5 + (1 + wd * p); p -= lr * (g + 0.9 * buf).
+  for (auto& [k, v] : g) std::fill(v.begin(), v.end(), 1.f);
+  ASSERT_TRUE(client->Push(Const(g), nullptr).ok());
+  ASSERT_TRUE(client->Pull(Mutable(pulled)).ok());
+  const float d = 1.f + 5e-4f * 0.25f;
+  const float buf = 0.9f * 0.5f + d;
+  EXPECT_NEAR(pulled["w"][7], 0.25f - 0.2f * (d + 0.9f * buf), 1e-6);
+  EXPECT_NEAR(pulled["c"][699], 0.25f - 0.2f * (d + 0.9f * buf), 1e-6);
+
+  // A failed Init (a chunk of another shard's slice) leaves the shard as it was.
+  grpc::ClientContext ctx;
+  rpc::AttachJobToken(&ctx, "job-token");
+  auto channel = grpc::CreateChannel(addresses_[0], grpc::InsecureChannelCredentials());
+  auto stub = ParameterServer::NewStub(channel);
+  InitShardReply reply;
+  auto writer = stub->Init(&ctx, &reply);
+  InitShardRequest bad;
+  bad.mutable_setup()->set_shard(1);  // addressed to shard 0
+  writer->Write(bad);
+  writer->WritesDone();
+  grpc::Status gs = writer->Finish();
+  EXPECT_EQ(gs.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(gs.error_message(), HasSubstr("this is shard 0"));
+  ASSERT_TRUE(client->Info(0, &info).ok());
+  EXPECT_EQ(info.version(), 11);
+  EXPECT_EQ(info.applied(), 1);
+}
+
+// WAIT policy: two workers, one three times slower; every push within the
+// bound, none refused, and the fast worker waits for leases.
+void RunWaitWorkers(PsServiceTest* t, int max_staleness, int workers, std::vector<std::unique_ptr<PsClient>>* clients,
+                    const std::map<std::string, std::vector<float>>& grads, int pushes_each) {
+  std::vector<std::thread> threads;
+  std::vector<Status> results(static_cast<size_t>(workers));
+  for (int w = 0; w < workers; ++w) {
+    threads.emplace_back([&, w] {
+      PsClient& c = *(*clients)[static_cast<size_t>(w)];
+      std::map<std::string, std::vector<float>> params = grads;
+      Tensors mut;
+      for (auto& [k, v] : params) mut[k] = v.data();
+      ConstTensors g;
+      for (const auto& [k, v] : grads) g[k] = v.data();
+      for (int i = 0; i < pushes_each; ++i) {
+        Status st = c.Pull(mut);  // takes the lease
+        if (st.ok()) std::this_thread::sleep_for(std::chrono::milliseconds(w == 0 ? 15 : 5));  // "compute"
+        if (st.ok()) st = c.Push(g, nullptr);
+        if (!st.ok()) {
+          results[static_cast<size_t>(w)] = st;
+          return;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (const Status& st : results) EXPECT_TRUE(st.ok()) << st.ToString();
+}
+
+TEST_F(PsServiceTest, WaitPolicyKeepsEveryPushWithinTheBound) {
+  for (int tau : {0, 2}) {
+    SCOPED_TRACE(tau);
+    servers_.clear();
+    addresses_.clear();
+    Start(64 << 20, tau, false, AsyncConfig::WAIT);
+    const int workers = 3, pushes = 12;
+    std::vector<std::unique_ptr<PsClient>> clients;
+    for (int w = 0; w < workers; ++w) clients.push_back(Client(COMPRESSION_NONE, "job-token", w));
+    ASSERT_TRUE(clients[0]->Init(Const(values_), 0).ok());
+    std::map<std::string, std::vector<float>> g = values_;
+    for (auto& [k, v] : g) std::fill(v.begin(), v.end(), 0.01f);
+    RunWaitWorkers(this, tau, workers, &clients, g, pushes);
+    for (int s = 0; s < 2; ++s) {
+      ShardInfo info;
+      ASSERT_TRUE(clients[0]->Info(s, &info).ok());
+      EXPECT_EQ(info.applied(), workers * pushes);
+      EXPECT_EQ(info.rejected_stale(), 0);
+      for (const auto& h : info.staleness_histogram()) EXPECT_LE(h.staleness(), tau);
+      if (s == 0) EXPECT_GT(info.lease_waits(), 0);  // three workers, room for at most tau + 1
+    }
+  }
+}
+
+TEST_F(PsServiceTest, WaitPolicyDropsTheLeaseOfASilentWorker) {
+  lease_timeout_ms_ = 300;
+  Start(64 << 20, 0, false, AsyncConfig::WAIT);
+  auto dead = Client(COMPRESSION_NONE, "job-token", 0);
+  auto alive = Client(COMPRESSION_NONE, "job-token", 1);
+  ASSERT_TRUE(dead->Init(Const(values_), 0).ok());
+  std::map<std::string, std::vector<float>> p = values_;
+  ASSERT_TRUE(dead->Pull(Mutable(p)).ok());  // takes the only lease, never pushes
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(alive->Pull(Mutable(p)).ok());  // waits until the lease expires
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(250));
+  ASSERT_TRUE(alive->Push(Const(values_), nullptr).ok());
+  // The silent worker's late push is stale now: refused, nothing changed.
+  EXPECT_EQ(dead->Push(Const(values_), nullptr).code(), Status::Code::kAborted);
+  ShardInfo info;
+  ASSERT_TRUE(alive->Info(0, &info).ok());
+  EXPECT_EQ(info.applied(), 1);
 }
 
 }  // namespace
