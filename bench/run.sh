@@ -2,7 +2,7 @@
 # Runs the benchmarks named on the command line (default: all), each printing
 # its table and writing bench/results/<name>.json. Build first (launch/build.sh).
 #
-#   bench/run.sh [data_pipeline] [build_time] [allreduce] [scaling] ...
+#   bench/run.sh [data_pipeline] [build_time] [allreduce] [scaling] [async_vs_sync] ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/results
@@ -14,6 +14,7 @@ for n in "${names[@]}"; do
     build_time) bash bench/build_time.sh ;;
     quality) bash bench/quality.sh ;;
     scaling) bash bench/scaling.sh ;;
+    async_vs_sync) bash bench/async_vs_sync.sh ;;
     allreduce)
       for np in 2 4; do
         OMP_NUM_THREADS=1 bash launch/mpirun.sh -n "$np" -- build/bin/bench_allreduce --out "bench/results/allreduce_np$np.json"

@@ -27,7 +27,7 @@ std::vector<std::pair<std::string, int>> LargeTransferArgs() {
           {GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, 8 << 20}};
 }
 
-// The LR of the update from version v: the job's schedule at step
+// The LR of the update from version v: lr_scale x the job's schedule at step
 // v / updates_per_step.
 std::function<double(int64_t)> LrFromSetup(const ShardSetup& setup) {
   LrScheduleOptions o;
@@ -36,7 +36,8 @@ std::function<double(int64_t)> LrFromSetup(const ShardSetup& setup) {
   o.total_steps = std::max<int64_t>(setup.total_steps(), 1);
   o.steps_per_epoch = std::max<int64_t>(setup.steps_per_epoch(), 1);
   const int64_t per_step = std::max(1, setup.updates_per_step());
-  return [o, per_step](int64_t v) { return LearningRate(o, v / per_step); };
+  const double scale = setup.lr_scale();
+  return [o, per_step, scale](int64_t v) { return scale * LearningRate(o, v / per_step); };
 }
 
 class Service final : public ParameterServer::Service {

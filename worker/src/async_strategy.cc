@@ -313,6 +313,7 @@ Status AsyncStrategy::Setup(const std::vector<torch::Tensor>& parameters, const 
     io.setup.set_total_steps(m.ctx.schedule.total_steps);
     io.setup.set_steps_per_epoch(m.ctx.schedule.steps_per_epoch);
     io.setup.set_updates_per_step(m.world);
+    io.setup.set_lr_scale(ac.scale_lr() ? 1.0 / m.world : 1.0);
     std::vector<torch::Tensor> keep;  // owns the state copies while Init streams them
     for (size_t i = 0; i < parameters.size(); ++i) {
       for (const auto& [slot, t] : OptimizerSlots(*m.ctx.optimizer, m.ctx.optimizer_kind, parameters[i])) {
@@ -392,15 +393,17 @@ Status AsyncStrategy::ApplyUpdate(torch::optim::Optimizer&, bool* recompute) {
     }
     m.push_bases = m.loaded_versions;
     m.pending_push = m.comm->Run([&m]() -> Status {
-      m.client->Push(m.push_ptrs, &m.push_replies, &m.push_statuses, nullptr, &m.push_bases);
-      return Status::OK();  // each shard's outcome is in push_statuses
+      Status first = m.client->Push(m.push_ptrs, &m.push_replies, &m.push_statuses, nullptr, &m.push_bases);
+      (void)first;  // each shard's outcome is in push_statuses
+      return Status::OK();
     });
     return Status::OK();
   }
   std::vector<PushReply> replies;
   std::vector<Status> statuses;
   const auto t0 = Clock::now();
-  m.client->Push(m.Gradients(), &replies, &statuses, &m.owed, &m.loaded_versions);
+  Status first = m.client->Push(m.Gradients(), &replies, &statuses, &m.owed, &m.loaded_versions);
+  (void)first;  // each shard's outcome is in statuses
   m.AddWait(Seconds(t0, Clock::now()));
   bool refused = false;
   bool lease_refused = false;
