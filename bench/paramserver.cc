@@ -129,7 +129,11 @@ int main(int argc, char** argv) {
   app.add_option("--tensor-mb", tensor_mb, "MiB per tensor")->capture_default_str();
   app.add_option("--updates", updates, "push+pull rounds per worker")->capture_default_str();
   app.add_option("--out", out, "JSON output")->capture_default_str();
+  bool default_malloc = false;
+  app.add_flag("--default-malloc", default_malloc,
+               "leave glibc malloc's defaults (dtrain-ps and async workers keep transfer buffers in the heap)");
   CLI11_PARSE(app, argc, argv);
+  if (!default_malloc) KeepTransferBuffersInTheHeap();
   dtrain::LoggingOptions lo;
   lo.level = "warn";
   Check(dtrain::InitLogging(lo), "logging");
@@ -226,6 +230,7 @@ int main(int argc, char** argv) {
   j["tensor_mb"] = tensor_mb;
   j["updates_per_worker"] = updates;
   j["cores"] = std::thread::hardware_concurrency();
+  j["transfer_buffers_in_heap"] = !default_malloc;
   for (const Row& r : rows) {
     j["rows"].push_back({{"workers", r.workers}, {"shards", r.shards}, {"ps_mb_per_s", r.ps_mb_s},
                          {"tcp_mb_per_s", r.tcp_mb_s}, {"ps_over_tcp", r.ps_mb_s / r.tcp_mb_s},

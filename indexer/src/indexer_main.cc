@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "dtrain/common/logging.h"
+#include "dtrain/common/port_file.h"
 #include "dtrain/common/rpc.h"
 #include "dtrain/indexer/service.h"
 
@@ -51,11 +52,9 @@ int main(int argc, char** argv) {
   std::printf("dtrain-indexer listening on %s:%d\n", o.bind_address.c_str(), server->port());
   std::fflush(stdout);
   if (!port_file.empty()) {
-    const std::string tmp = port_file + ".tmp";
-    if (FILE* f = std::fopen(tmp.c_str(), "w")) {
-      std::fprintf(f, "%d\n", server->port());
-      std::fclose(f);
-      std::rename(tmp.c_str(), port_file.c_str());
+    if (dtrain::Status st = dtrain::WritePortFile(port_file, server->port()); !st.ok()) {
+      std::fprintf(stderr, "dtrain-indexer: %s\n", st.ToString().c_str());
+      return 1;
     }
   }
   std::signal(SIGINT, OnSignal);

@@ -23,6 +23,7 @@
 #include "dtrain/common/config.h"
 #include "dtrain/common/env.h"
 #include "dtrain/common/logging.h"
+#include "dtrain/common/port_file.h"
 #include "dtrain/common/rpc.h"
 #include "dtrain/paramserver/mpmd.h"
 #include "dtrain/paramserver/service.h"
@@ -113,18 +114,14 @@ int main(int argc, char** argv) {
   }
   std::string token;
   if (dtrain::Status st = dtrain::rpc::LoadJobToken(token_file, &token); !st.ok()) return Fail(st, mpi);
+  dtrain::paramserver::KeepTransferBuffersInTheHeap();
   dtrain::paramserver::PsServerOptions o = dtrain::paramserver::PsServerOptionsFromConfig(config, shard, token);
   if (!bind.empty()) o.bind_address = bind;
   o.port = port;
   std::unique_ptr<dtrain::paramserver::PsServer> server;
   if (dtrain::Status st = dtrain::paramserver::PsServer::Start(o, &server); !st.ok()) return Fail(st, mpi);
   if (!port_file.empty()) {
-    const std::string tmp = port_file + ".tmp";
-    if (FILE* f = std::fopen(tmp.c_str(), "w")) {
-      std::fprintf(f, "%d\n", server->port());
-      std::fclose(f);
-      std::rename(tmp.c_str(), port_file.c_str());
-    }
+    if (dtrain::Status st = dtrain::WritePortFile(port_file, server->port()); !st.ok()) return Fail(st, mpi);
   }
   if (mpi) {
     const std::string address = dtrain::paramserver::AdvertisedAddress(o.bind_address, server->port());

@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
 #include <future>
 #include <mutex>
 
+#include <malloc.h>
 #include <unistd.h>
 
 #include "dtrain/common/lr_schedule.h"
@@ -84,12 +86,15 @@ class Service final : public ParameterServer::Service {
     }
     ParameterShard* t = target.get();
     SliceAssembler assembler([t](const std::string& name, int64_t offset) { return t->SliceLength(name, offset); });
+    std::deque<InitShardRequest> messages;  // alive until applied (see Push)
+    messages.push_back(std::move(msg));
     do {
-      for (const TensorChunk& c : msg.chunks()) {
+      for (const TensorChunk& c : messages.back().chunks()) {
         Status st = assembler.Add(c);
         if (!st.ok()) return rpc::ToGrpc(st);
       }
-    } while (reader->Read(&msg));
+      messages.emplace_back();
+    } while (reader->Read(&messages.back()));
     std::vector<SliceView> views;
     Status st = assembler.Finish(&views);
     if (st.ok()) st = target->Initialize(views, version, optimizer_step);
@@ -111,11 +116,16 @@ class Service final : public ParameterServer::Service {
     grpc::Status ready = Ready(&shard);
     if (!ready.ok()) return ready;
     SliceAssembler assembler(Lengths(shard.get()));
-    PushRequest msg;
+    // Every message stays alive until the push is applied: the assembler
+    // points into whole-slice chunks instead of copying them.
+    std::deque<PushRequest> messages;
     int64_t base = 0;
     int worker = -1;
     bool first = true;
-    while (reader->Read(&msg)) {
+    while (true) {
+      messages.emplace_back();
+      if (!reader->Read(&messages.back())) break;
+      const PushRequest& msg = messages.back();
       if (first) {
         base = msg.base_version();
         worker = msg.has_worker() ? msg.worker() : -1;
@@ -243,6 +253,11 @@ class Service final : public ParameterServer::Service {
 };
 
 }  // namespace
+
+void KeepTransferBuffersInTheHeap() {
+  mallopt(M_MMAP_THRESHOLD, 256 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+}
 
 PsServerOptions PsServerOptionsFromConfig(const JobConfig& config, int shard, const std::string& token) {
   const AsyncConfig& a = config.parallelism().async();

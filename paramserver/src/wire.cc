@@ -81,15 +81,26 @@ Status SliceAssembler::Add(const TensorChunk& c) {
                                    std::to_string(length) + " elements");
   }
   Buffer& b = buffers_[{c.name(), c.offset(), c.slot()}];
-  if (b.data.empty()) b.data.assign(static_cast<size_t>(length), 0.f);
+  b.length = length;
   for (const auto& [lo, hi] : b.filled) {
     if (c.chunk_offset() < hi && lo < c.chunk_offset() + n) {
       return Status::InvalidArgument("chunks of slice " + where + " overlap at element " +
                                      std::to_string(std::max(lo, c.chunk_offset())));
     }
   }
+  if (static_cast<int64_t>(c.data().size()) % bpe != 0) {
+    return Status::InvalidArgument("chunk of '" + c.name() + "' has " + std::to_string(c.data().size()) +
+                                   " bytes, not a whole number of " + std::to_string(bpe) + "-byte elements");
+  }
+  if (c.encoding() == COMPRESSION_NONE && c.chunk_offset() == 0 && n == length && b.filled.empty() &&
+      reinterpret_cast<uintptr_t>(c.data().data()) % alignof(float) == 0) {
+    b.borrowed = reinterpret_cast<const float*>(c.data().data());
+    b.filled.emplace_back(0, n);
+    return Status::OK();
+  }
+  if (!b.data) b.data.reset(new float[static_cast<size_t>(length)]);
   int64_t got = 0;
-  DTRAIN_RETURN_IF_ERROR(DecodeChunk(c, b.data.data() + c.chunk_offset(), &got));
+  DTRAIN_RETURN_IF_ERROR(DecodeChunk(c, b.data.get() + c.chunk_offset(), &got));
   b.filled.emplace_back(c.chunk_offset(), c.chunk_offset() + got);
   return Status::OK();
 }
@@ -99,12 +110,12 @@ Status SliceAssembler::Finish(std::vector<SliceView>* out) const {
   for (const auto& [key, b] : buffers_) {
     int64_t covered = 0;
     for (const auto& [lo, hi] : b.filled) covered += hi - lo;
-    if (covered != static_cast<int64_t>(b.data.size())) {
+    if (covered != b.length) {
       return Status::InvalidArgument("slice '" + std::get<0>(key) + "' at element " + std::to_string(std::get<1>(key)) +
-                                     " is incomplete: " + std::to_string(covered) + " of " +
-                                     std::to_string(b.data.size()) + " elements sent");
+                                     " is incomplete: " + std::to_string(covered) + " of " + std::to_string(b.length) +
+                                     " elements sent");
     }
-    out->push_back(SliceView{std::get<0>(key), std::get<1>(key), static_cast<int64_t>(b.data.size()), b.data.data(),
+    out->push_back(SliceView{std::get<0>(key), std::get<1>(key), b.length, b.borrowed ? b.borrowed : b.data.get(),
                              std::get<2>(key)});
   }
   return Status::OK();

@@ -11,6 +11,7 @@
 #include "dtrain/common/env.h"
 #include "dtrain/common/rpc.h"
 #include "dtrain/paramserver/mpmd.h"
+#include "dtrain/paramserver/service.h"
 #include "dtrain/worker/async_strategy.h"
 #include "dtrain/worker/collective/mpi_collective.h"
 #include "dtrain/worker/sync_strategy.h"
@@ -93,6 +94,7 @@ Status MakeAsyncStrategy(JobConfig* config, bool* mpmd, std::unique_ptr<Strategy
     config->mutable_launch()->set_workers(1);
   }
   DTRAIN_RETURN_IF_ERROR(rpc::LoadJobToken("", &o.token));
+  paramserver::KeepTransferBuffersInTheHeap();
   DefaultThreads(config);
   o.stats_path = config->run_dir() + "/paramserver.json";
   *out = std::make_unique<AsyncStrategy>(std::move(o));

@@ -5,12 +5,27 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <cstdlib>
+#include <sstream>
 
 #include "dtrain/common/config.h"
 #include "dtrain/common/env.h"
 #include "dtrain/common/logging.h"
 #include "dtrain/worker/collective/mpi_collective.h"
 #include "dtrain/worker/run_job.h"
+
+namespace {
+
+// This worker's rank for the log tag: its world rank, less the ranks of the
+// programs before it on an MPMD line (an async job's dtrain-ps shards).
+int WorkerRank() {
+  int rank = std::atoi(dtrain::env::Get(dtrain::env::kOmpiWorldRank, "0"));
+  const int app = std::atoi(dtrain::env::Get(dtrain::env::kOmpiAppNum, "0"));
+  std::istringstream procs(dtrain::env::Get(dtrain::env::kOmpiAppProcs, ""));
+  for (int i = 0, n = 0; i < app && procs >> n; ++i) rank -= n;
+  return rank;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"dtrain-worker: one training process of a dtrain job. Under mpirun (or another MPI launcher) "
@@ -30,7 +45,7 @@ int main(int argc, char** argv) {
   dtrain::LoggingOptions lo;
   lo.role = "worker";
   if (dtrain::collective::MpiRuntime::LaunchedByMpirun()) {
-    lo.rank = std::atoi(dtrain::env::Get(dtrain::env::kOmpiWorldRank, "0"));
+    lo.rank = WorkerRank();
   }
   if (dtrain::Status st = dtrain::InitLogging(lo); !st.ok()) {
     std::fprintf(stderr, "dtrain-worker: %s\n", st.ToString().c_str());

@@ -29,6 +29,10 @@ inline constexpr const char* kOmpiLocalSize = "OMPI_COMM_WORLD_LOCAL_SIZE";
 // (where `ps` would show it).
 // Addresses (HOST:PORT,...) of running dtrain-ps shards for one async worker
 // started without mpirun.
+// Open MPI, in an MPMD launch: this rank's program (0, 1, ...) and the rank
+// counts of all programs ("2 2").
+inline constexpr const char* kOmpiAppNum = "OMPI_MCA_orte_app_num";
+inline constexpr const char* kOmpiAppProcs = "OMPI_APP_CTX_NUM_PROCS";
 inline constexpr const char* kPsAddresses = "DTRAIN_PS_ADDRESSES";
 inline constexpr const char* kJobToken = "DTRAIN_JOB_TOKEN";
 

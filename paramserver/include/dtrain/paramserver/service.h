@@ -51,6 +51,14 @@ struct PsServerOptions {
   int64_t chunk_bytes = 4 << 20;  // pull chunks
 };
 
+// Makes glibc's malloc keep buffers of up to 256 MiB in its heap instead of
+// mapping fresh pages for each one (and returning them at once): every push
+// and pull allocates and frees buffers of megabytes, and fresh pages cost a
+// page fault and zeroing per 4 KiB. For the processes that move tensors
+// (dtrain-ps, async workers, bench_paramserver); docs/benchmarks.md has the
+// effect.
+void KeepTransferBuffersInTheHeap();
+
 // The options of shard `shard` of `config`'s parallelism.async (optimizer,
 // staleness bound and policies, threads, message and chunk sizes, bind
 // address); no slices (the chief's Init brings them).

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -42,13 +43,18 @@ class SliceAssembler {
   // `length_of(name, offset)` returns the shard's slice length, or -1.
   explicit SliceAssembler(std::function<int64_t(const std::string&, int64_t)> length_of);
 
+  // A float32 chunk that is a whole slice is not copied: its view points
+  // into `chunk`, which must then outlive the views Finish() returns (the
+  // service keeps every message of a push until it is applied).
   Status Add(const TensorChunk& chunk);
-  // The assembled slices (views into this object's buffers).
+  // The assembled slices (views into this object's buffers or the chunks).
   Status Finish(std::vector<SliceView>* out) const;
 
  private:
   struct Buffer {
-    std::vector<float> data;
+    std::unique_ptr<float[]> data;  // allocated for partial chunks only; not zeroed
+    int64_t length = 0;
+    const float* borrowed = nullptr;  // a whole float32 chunk, not copied
     std::vector<std::pair<int64_t, int64_t>> filled;  // [begin, end) ranges
   };
   std::function<int64_t(const std::string&, int64_t)> length_of_;

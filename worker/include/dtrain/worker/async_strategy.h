@@ -12,17 +12,18 @@
 //      and, on a resume, the optimizer state (Init) at version
 //      start_step x workers; the workers then meet at a barrier, and every
 //      worker pulls the full parameters.
-//   2. Without prefetch, a step is: compute on the parameters of the last
-//      pull, push (tagged with the versions they came from), pull. A shard
+//   2. Without prefetch, a step is: pull (BeginStep), compute, push (tagged
+//      with the versions the parameters came from). The schedule's rate is
+//      scaled by 1/N per push (parallelism.async.scale_lr). A shard
 //      that refuses the push as more than max_staleness updates stale makes
 //      the step compute again on freshly pulled parameters (ApplyUpdate's
 //      *recompute), pushing only to the shards that refused. Under the WAIT
 //      policy the pull takes a lease first (paramserver/shard.h), so pushes
 //      are never refused.
-//   3. With prefetch (REJECT, max_staleness >= 1): one communication thread
-//      runs, in order, the pull of the next step's parameters (queued when a
-//      step begins) and the push of this step's gradients (queued at its
-//      end), so both overlap the computation. A prefetched push that is
+//   3. With prefetch (off by default; REJECT, max_staleness >= 1 only): one
+//      communication thread runs, in order, the pull of the next step's
+//      parameters (queued when a step begins) and the push of this step's
+//      gradients (queued at its end), so both overlap the computation. A prefetched push that is
 //      refused as stale is dropped and counted: its step has passed.
 //   4. Checkpoints (chief, PrepareCheckpoint): the shards' values and
 //      optimizer state are pulled into the model and the local optimizer, so
