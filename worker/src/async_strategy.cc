@@ -69,11 +69,12 @@ class SerialExecutor {
   std::thread thread_;
 };
 
-// The slots a shard's optimizer keeps per element (AdamW's step travels
-// apart, as optimizer_step).
-const std::vector<std::string>& StateSlots() {
-  static const std::vector<std::string> slots = {"momentum_buffer", "exp_avg", "exp_avg_sq"};
-  return slots;
+// The slots a shard's optimizer of `kind` keeps per element (AdamW's step
+// travels apart, as optimizer_step).
+const std::vector<std::string>& StateSlots(OptimizerConfig::Kind kind) {
+  static const std::vector<std::string> sgd = {"momentum_buffer"};
+  static const std::vector<std::string> adamw = {"exp_avg", "exp_avg_sq"};
+  return kind == OptimizerConfig::ADAMW ? adamw : sgd;
 }
 
 }  // namespace
@@ -321,7 +322,8 @@ Status AsyncStrategy::Setup(const std::vector<torch::Tensor>& parameters, const 
           io.optimizer_step = std::max<int64_t>(io.optimizer_step, t.item<int64_t>());
           continue;
         }
-        if (std::find(StateSlots().begin(), StateSlots().end(), slot) == StateSlots().end()) continue;
+        const std::vector<std::string>& kept = StateSlots(m.ctx.optimizer_kind);
+        if (std::find(kept.begin(), kept.end(), slot) == kept.end()) continue;
         torch::Tensor c = t.detach().to(torch::kFloat32).contiguous();
         keep.push_back(c);
         io.slots[slot][m.names[i]] = c.data_ptr<float>();
@@ -447,7 +449,7 @@ Status AsyncStrategy::PrepareCheckpoint() {
   // optimizer, which the checkpoint writer reads.
   std::map<std::string, std::vector<std::vector<float>>> buffers;
   std::map<std::string, paramserver::Tensors> slots;
-  for (const std::string& slot : StateSlots()) {
+  for (const std::string& slot : StateSlots(m.ctx.optimizer_kind)) {
     auto& b = buffers[slot];
     for (size_t i = 0; i < m.params.size(); ++i) {
       b.emplace_back(static_cast<size_t>(m.params[i].numel()), 0.f);
@@ -461,7 +463,7 @@ Status AsyncStrategy::PrepareCheckpoint() {
   m.loaded_versions = m.client->versions();
   for (size_t i = 0; i < m.params.size(); ++i) {
     std::map<std::string, torch::Tensor> state;
-    for (const std::string& slot : StateSlots()) {
+    for (const std::string& slot : StateSlots(m.ctx.optimizer_kind)) {
       if (!snap.received.count({slot, m.names[i]})) continue;
       state[slot] = torch::from_blob(buffers[slot][i].data(), m.params[i].sizes(), torch::kFloat32).clone();
     }
