@@ -1,20 +1,35 @@
 // dtrain run / dtrain eval.
+#include <pthread.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iterator>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "dtrain/common/config.h"
 #include "dtrain/common/env.h"
 #include "dtrain/common/rpc.h"
 #include "dtrain/common/metrics_log.h"
+#include "dtrain/common/progress.h"
 #include "dtrain/coordinator/cli.h"
+#include "dtrain/coordinator/coordinator.h"
 #include "dtrain/coordinator/index_handoff.h"
-#include "dtrain/coordinator/mpirun_launcher.h"
+#include "dtrain/coordinator/job_table.h"
 #include "dtrain/models/registry.h"
-#include "dtrain/worker/run_job.h"
 #include "dtrain/worker/trainer.h"
 
 namespace dtrain::cli {
@@ -35,53 +50,212 @@ struct EvalArgs {
   std::vector<std::string> overrides;
 };
 
-// The completion step (coordinator/index_handoff.h): the finished model goes
-// to the index builder when index.build_at_end is set.
-Status HandOff(const JobConfig& config, const RunArgs& a) {
-  if (!config.index().build_at_end()) return Status::OK();
-  std::unique_ptr<indexer::IndexBuilder> builder;
-  DTRAIN_RETURN_IF_ERROR(coordinator::MakeIndexBuilder(config, !a.no_progress, &builder));
-  IndexManifest manifest;
-  DTRAIN_RETURN_IF_ERROR(coordinator::HandOffToIndexer(config, *builder, &manifest));
-  std::printf("index: %s\n", indexer::DescribeManifest(manifest).c_str());
-  return Status::OK();
+// dtrain run's terminal: the processes' lines as they come and, on a
+// terminal, one progress line for the whole job below them.
+class LiveView {
+ public:
+  explicit LiveView(bool bar) : bar_(bar && isatty(STDERR_FILENO) == 1) {}
+  bool bar() const { return bar_; }
+  void Line(const std::string& line) {
+    Around([&] {
+      std::fprintf(stdout, "%s\n", line.c_str());
+      std::fflush(stdout);
+    });
+  }
+  // Runs `write` (which writes whole lines) with the progress line out of its way.
+  void Around(const std::function<void()>& write) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!shown_.empty()) std::fputs("\r\033[K", stderr);
+    write();
+    if (!shown_.empty()) std::fputs(shown_.c_str(), stderr);
+  }
+  void Show(const std::string& text) {
+    std::lock_guard<std::mutex> lock(mu_);
+    shown_ = text;
+    std::fprintf(stderr, "\r\033[K%s", text.c_str());
+  }
+  void End() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!shown_.empty()) std::fputs("\n", stderr);
+    shown_.clear();
+  }
+
+ private:
+  const bool bar_;
+  std::mutex mu_;
+  std::string shown_;
+};
+
+// Processes are (or are about to be) training: the progress line is shown.
+// Once they have all exited it goes (the hand-off draws its own).
+bool Training(const JobRecord& job) {
+  if (job.state() == PENDING || job.state() == LAUNCHING ||
+      job.state() == RESTARTING) {
+    return true;
+  }
+  for (const ProcessInfo& p : job.processes()) {
+    if (p.role() != LAUNCHER && !p.exited()) return true;
+  }
+  return false;
 }
 
-Status Run(const RunArgs& a) {
+// The global figures of a job for the progress line.
+void UpdateBar(const JobRecord& job, ProgressBar* bar) {
+  int64_t step = 0, total = 0;
+  double ips = 0, loss = 0;
+  int alive = 0, expected = 0;
+  for (const ProcessInfo& p : job.processes()) {
+    if (p.role() == LAUNCHER) continue;
+    ++expected;
+    if (p.has_registered_ms() && !p.exited()) ++alive;
+    if (p.role() != WORKER) continue;
+    step = std::max<int64_t>(step, p.progress().step());
+    total = std::max<int64_t>(total, p.progress().total_steps());
+    ips += p.progress().images_per_sec();
+    if (p.rank() == 0) loss = p.progress().loss();
+  }
+  char buf[64];
+  ProgressBar::Fields fields = {{"state", coordinator::StateName(job.state())},
+                                {"processes", std::to_string(alive) + "/" + std::to_string(expected)}};
+  // Known after the first logged interval (training.log_every_steps).
+  if (ips > 0) {
+    std::snprintf(buf, sizeof buf, "%.0f", ips);
+    fields.emplace_back("img/s", buf);
+    std::snprintf(buf, sizeof buf, "%.4f", loss);
+    fields.emplace_back("loss", buf);
+  }
+  if (job.restarts() > 0) fields.emplace_back("restarts", std::to_string(job.restarts()));
+  bar->SetTotal(total);
+  bar->Update(step, fields);
+}
+
+// Ctrl-C and SIGTERM stop the job (every process of it) rather than leave
+// it behind: the signals are blocked in every thread and one thread waits
+// for them.
+class StopOnSignal {
+ public:
+  explicit StopOnSignal(std::function<void()> stop) : stop_(std::move(stop)) {
+    sigemptyset(&set_);
+    sigaddset(&set_, SIGINT);
+    sigaddset(&set_, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set_, &old_);
+    thread_ = std::thread([this] {
+      while (!done_) {
+        timespec ts{0, 200 * 1000 * 1000};
+        const int sig = sigtimedwait(&set_, nullptr, &ts);
+        if (sig > 0) {
+          signalled_ = sig;
+          spdlog::warn("{}: stopping the job", strsignal(sig));
+          stop_();
+        }
+      }
+    });
+  }
+  ~StopOnSignal() {
+    done_ = true;
+    thread_.join();
+    pthread_sigmask(SIG_SETMASK, &old_, nullptr);
+  }
+  int signalled() const { return signalled_; }
+
+ private:
+  std::function<void()> stop_;
+  sigset_t set_{}, old_{};
+  std::atomic<bool> done_{false};
+  std::atomic<int> signalled_{0};
+  std::thread thread_;
+};
+
+// dtrain run: an embedded coordinator (state in <run dir>/coordinator) runs
+// the job through its launchers, recovers failures and hands the model on.
+Status Run(const RunArgs& a, int* exit_code) {
   std::vector<std::string> overrides = a.overrides;
   if (!a.run_dir.empty()) overrides.push_back("run_dir=" + a.run_dir);
   JobConfig config;
   DTRAIN_RETURN_IF_ERROR(LoadJobConfig(a.config, overrides, &config));
-  const bool async = config.parallelism().mode_case() == ParallelismConfig::kAsync;
-  if (config.launch().workers() > 1 || config.launch().launcher() == LaunchConfig::MPIRUN || async) {
-    // Several workers: one dtrain-worker per rank under mpirun; async jobs
-    // start their dtrain-ps shards in the same mpirun (MPMD).
-    if (async && env::Get(env::kJobToken, nullptr) == nullptr) {
-      // Every RPC to the shards carries it; mpirun.sh passes DTRAIN_* on.
-      setenv(env::kJobToken, rpc::NewJobToken().c_str(), 1);
+  std::ifstream in(a.config, std::ios::binary);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+
+  auto view = std::make_shared<LiveView>(!a.no_progress && config.training().progress_bar());
+  coordinator::CoordinatorOptions o;
+  o.state_dir = std::filesystem::absolute(config.run_dir()).string() + "/coordinator";
+  o.bind_address = config.launch().bind_address();
+  o.port = config.launch().coordinator_port();
+  o.token = env::Get(env::kJobToken, "");
+  if (o.token.empty()) o.token = rpc::NewJobToken();
+  o.echo = [view](const std::string&, const std::string& line) { view->Line(line); };
+  o.on_event = [view](const std::string& id, const std::string& event) {
+    view->Around([&] { spdlog::info("job {}: {}", id, event); });
+  };
+  o.hand_off = coordinator::IndexHandOff(!a.no_progress);
+  o.recover = false;
+  std::unique_ptr<coordinator::Coordinator> c;
+  DTRAIN_RETURN_IF_ERROR(coordinator::Coordinator::Start(o, &c));
+  spdlog::info("coordinator listening on {} (state in {})", c->address(), o.state_dir);
+
+  SubmitRequest req;
+  req.set_config_text(text);
+  for (const std::string& ov : overrides) req.add_overrides(ov);
+  req.set_origin(a.config);
+  req.set_resume(a.resume);
+  req.set_force(a.force);
+  SubmitReply reply;
+  DTRAIN_RETURN_IF_ERROR(c->Submit(req, &reply));
+  const std::string id = reply.job_id();
+
+  JobRecord job;
+  {
+    StopOnSignal signals([&c, id] {
+      JobState state;
+      (void)c->Stop(id, &state);
+    });
+    std::atomic<bool> finished{false};
+    std::thread bar_thread;
+    if (view->bar()) {
+      bar_thread = std::thread([&] {
+        ProgressOptions po;
+        po.label = "job " + id;
+        po.mode = ProgressOptions::Mode::kTty;
+        po.sink = [](const std::string&) {};
+        ProgressBar bar(po);
+        while (!finished) {
+          std::vector<JobRecord> jobs;
+          if (c->Jobs(id, &jobs).ok() && !jobs.empty()) {
+            if (Training(jobs[0])) {
+              UpdateBar(jobs[0], &bar);
+              view->Show(bar.Render());
+            } else {
+              view->End();
+            }
+          }
+          std::this_thread::sleep_for(std::chrono::milliseconds(500));
+        }
+        view->End();
+      });
     }
-    coordinator::MpirunRequest req;
-    req.config_path = a.config;
-    req.overrides = overrides;
-    req.no_progress = a.no_progress;
-    req.resume = a.resume;
-    req.force = a.force;
-    std::vector<std::string> argv;
-    DTRAIN_RETURN_IF_ERROR(coordinator::BuildMpirunCommand(config, req, &argv));
-    DTRAIN_RETURN_IF_ERROR(coordinator::RunAndWait(argv));
-    return HandOff(config, a);
+    const Status waited = c->Wait(id, &job);
+    finished = true;
+    if (bar_thread.joinable()) bar_thread.join();
+    DTRAIN_RETURN_IF_ERROR(waited);
+    if (signals.signalled() != 0) *exit_code = 128 + signals.signalled();
   }
-  worker::TrainerOptions options;
-  options.progress = !a.no_progress;
-  options.resume = a.resume;
-  options.force_store = a.force;
-  DTRAIN_RETURN_IF_ERROR(worker::RunJob(config, options, nullptr));
-  return HandOff(config, a);
+  switch (job.state()) {
+    case COMPLETED:
+      spdlog::info("job {} completed{}; run directory {}", id,
+                   job.restarts() > 0 ? " after " + std::to_string(job.restarts()) + " restart(s)" : std::string(),
+                   job.run_dir());
+      return Status::OK();
+    case STOPPED:
+      return Status::Aborted("job " + id + " was stopped; `dtrain resume " + job.run_dir() +
+                             "` continues it from its newest checkpoint");
+    default:
+      return Status::Aborted("job " + id + " failed: " + job.reason());
+  }
 }
 
 // dtrain resume RUN_DIR: the run's resolved config (plus overrides, e.g. a
 // longer schedule or another mode), continued from its newest good checkpoint.
-Status Resume(const RunArgs& a) {
+Status Resume(const RunArgs& a, int* exit_code) {
   const std::string config_path = a.run_dir + "/config.textproto";
   if (!std::filesystem::exists(config_path)) {
     return Status::NotFound(a.run_dir + " is not a run directory: it has no config.textproto");
@@ -89,7 +263,7 @@ Status Resume(const RunArgs& a) {
   RunArgs r = a;
   r.config = config_path;
   r.resume = true;
-  return Run(r);
+  return Run(r, exit_code);
 }
 
 Status Eval(const EvalArgs& a) {
@@ -116,7 +290,9 @@ Status Eval(const EvalArgs& a) {
 
 void AddRunCommands(CLI::App& app, int* exit_code) {
   auto run_args = std::make_shared<RunArgs>();
-  CLI::App* run = app.add_subcommand("run", "train a job from its config, evaluate it, write the run directory");
+  CLI::App* run = app.add_subcommand(
+      "run", "run a job from its config through an embedded coordinator: launch the workers (and shards), watch "
+             "them, restart from the newest checkpoint after a failure, evaluate, hand the model to the indexer");
   run->add_option("CONFIG", run_args->config, "job config (configs/*.textproto)")->required()->check(CLI::ExistingFile);
   run->add_option("--set", run_args->overrides, "override a config field: --set optimizer.lr=0.05 (repeatable)");
   run->add_option("--run-dir", run_args->run_dir, "run directory (default: runs/<job name>)");
@@ -124,10 +300,10 @@ void AddRunCommands(CLI::App& app, int* exit_code) {
   run->add_flag("--resume", run_args->resume, "continue from the newest good checkpoint of the run's store, if any");
   run->add_flag("--force", run_args->force, "use a checkpoint store that another job or model config created");
   run->callback([run_args, exit_code] {
-    Status st = Run(*run_args);
+    Status st = Run(*run_args, exit_code);
     if (!st.ok()) {
       std::fprintf(stderr, "dtrain run: %s\n", st.ToString().c_str());
-      *exit_code = 1;
+      if (*exit_code == 0) *exit_code = 1;
     }
   });
 
@@ -140,10 +316,10 @@ void AddRunCommands(CLI::App& app, int* exit_code) {
   resume->add_flag("--no-progress", resume_args->no_progress, "no progress bar, only log lines");
   resume->add_flag("--force", resume_args->force, "use a checkpoint store that another job or model config created");
   resume->callback([resume_args, exit_code] {
-    Status st = Resume(*resume_args);
+    Status st = Resume(*resume_args, exit_code);
     if (!st.ok()) {
       std::fprintf(stderr, "dtrain resume: %s\n", st.ToString().c_str());
-      *exit_code = 1;
+      if (*exit_code == 0) *exit_code = 1;
     }
   });
 

@@ -1,6 +1,9 @@
-// dtrain status [RUN_DIR]...: what each run directory holds. (The coordinator
-// service will add live jobs and processes; this reads the directories.)
+// dtrain status [RUN_DIR]...: what each run directory holds, with the jobs of
+// the coordinator that `dtrain run` embedded (read-only, so it works while
+// the job runs); dtrain status --coordinator HOST:PORT: every job of a
+// dtrain-coordinator, with its processes.
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -11,7 +14,10 @@
 
 #include "dtrain/common/checkpoint_store.h"
 #include "dtrain/common/config.h"
+#include "cli_coordinator.h"
 #include "dtrain/coordinator/cli.h"
+#include "dtrain/coordinator/coordinator.h"
+#include "dtrain/coordinator/job_table.h"
 #include "dtrain/indexer/index_builder.h"
 
 namespace dtrain::cli {
@@ -21,7 +27,47 @@ namespace fs = std::filesystem;
 struct StatusArgs {
   std::vector<std::string> run_dirs;
   std::string runs_root = "runs";
+  CoordinatorArgs coordinator;
+  std::string job;
 };
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// The jobs `dtrain run` ran in this directory, newest last, with processes.
+void ShowRunJobs(const std::string& dir) {
+  std::unique_ptr<coordinator::JobTable> table;
+  if (!coordinator::JobTable::OpenReadOnly(dir + "/coordinator/db", &table).ok()) return;
+  std::vector<JobRecord> jobs;
+  if (Status st = table->List(&jobs); !st.ok()) {
+    std::printf("  jobs         unreadable: %s\n", st.ToString().c_str());
+    return;
+  }
+  if (jobs.empty()) return;
+  // The newest with its processes; the count of the others.
+  std::string text = coordinator::JobsTable({jobs.back()}, /*processes=*/true, NowMs());
+  std::printf("  jobs         %zu run here; the latest:\n", jobs.size());
+  size_t start = 0, nl;
+  while ((nl = text.find('\n', start)) != std::string::npos) {
+    std::printf("    %s\n", text.substr(start, nl - start).c_str());
+    start = nl + 1;
+  }
+}
+
+Status ShowCoordinator(const StatusArgs& a) {
+  std::unique_ptr<coordinator::CoordinatorClient> client;
+  DTRAIN_RETURN_IF_ERROR(ConnectCoordinator(a.coordinator, &client));
+  std::vector<JobRecord> jobs;
+  DTRAIN_RETURN_IF_ERROR(client->Jobs(a.job, &jobs));
+  if (jobs.empty()) {
+    std::printf("the coordinator at %s has no jobs\n", a.coordinator.address.c_str());
+    return Status::OK();
+  }
+  std::printf("%s", coordinator::JobsTable(jobs, /*processes=*/true, NowMs()).c_str());
+  return Status::OK();
+}
 
 void ShowRun(const std::string& dir) {
   JobConfig config;
@@ -52,6 +98,7 @@ void ShowRun(const std::string& dir) {
   } else {
     std::printf("  checkpoints  no store\n");
   }
+  ShowRunJobs(dir);
   std::printf("  model        %s\n", fs::exists(fs::path(dir) / "model.pt") ? "model.pt (training finished)" : "none yet");
   std::ifstream eval(fs::path(dir) / "eval.json");
   if (eval) {
@@ -74,6 +121,7 @@ void ShowRun(const std::string& dir) {
 }
 
 Status Show(const StatusArgs& a) {
+  if (!a.coordinator.address.empty()) return ShowCoordinator(a);
   std::vector<std::string> dirs = a.run_dirs;
   if (dirs.empty()) {
     std::error_code ec;
@@ -98,9 +146,12 @@ Status Show(const StatusArgs& a) {
 
 void AddStatusCommand(CLI::App& app, int* exit_code) {
   auto a = std::make_shared<StatusArgs>();
-  CLI::App* cmd = app.add_subcommand("status", "show runs: checkpoints, evaluation, index");
+  CLI::App* cmd = app.add_subcommand(
+      "status", "show runs (jobs and processes, checkpoints, evaluation, index), or a dtrain-coordinator's jobs");
   cmd->add_option("RUN_DIR", a->run_dirs, "run directories (default: every run under runs/)");
   cmd->add_option("--runs", a->runs_root, "where to look for runs")->capture_default_str();
+  cmd->add_option("--job", a->job, "with --coordinator: only this job");
+  AddCoordinatorOptions(cmd, &a->coordinator, false);
   cmd->callback([a, exit_code] {
     Status st = Show(*a);
     if (!st.ok()) {

@@ -31,6 +31,7 @@ int main(int argc, char** argv) {
 
   int exit_code = 0;
   dtrain::cli::AddRunCommands(app, &exit_code);
+  dtrain::cli::AddJobCommands(app, &exit_code);
   dtrain::cli::AddCkptCommands(app, &exit_code);
   dtrain::cli::AddIndexCommands(app, &exit_code);
   dtrain::cli::AddStatusCommand(app, &exit_code);

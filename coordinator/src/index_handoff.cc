@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <cstdio>
 #include <filesystem>
 
 #include "dtrain/common/rpc.h"
@@ -48,6 +49,20 @@ Status MakeIndexBuilder(const JobConfig& config, bool progress, std::unique_ptr<
   if (!st.ok()) return st.WithContext("index.builder_address " + address);
   *out = indexer::NewRemoteIndexBuilder(address, token);
   return Status::OK();
+}
+
+HandOffFn IndexHandOff(bool progress) {
+  return [progress](const JobConfig& config, std::string* summary) -> Status {
+    if (!config.index().build_at_end()) return Status::OK();
+    std::unique_ptr<indexer::IndexBuilder> builder;
+    DTRAIN_RETURN_IF_ERROR(MakeIndexBuilder(config, progress, &builder));
+    IndexManifest manifest;
+    DTRAIN_RETURN_IF_ERROR(HandOffToIndexer(config, *builder, &manifest));
+    *summary = indexer::DescribeManifest(manifest);
+    std::printf("index: %s\n", summary->c_str());
+    std::fflush(stdout);
+    return Status::OK();
+  };
 }
 
 }  // namespace dtrain::coordinator

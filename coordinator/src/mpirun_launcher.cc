@@ -1,16 +1,8 @@
 #include "dtrain/coordinator/mpirun_launcher.h"
 
-#include <signal.h>
-#include <spdlog/spdlog.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
-#include <cerrno>
-#include <cstring>
-#include <cstdlib>
 #include <filesystem>
-
-#include "dtrain/common/env.h"
 
 namespace dtrain::coordinator {
 namespace {
@@ -26,12 +18,6 @@ std::string Quote(const std::string& s) {
   std::string q = "'";
   for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
   return q + "'";
-}
-
-volatile sig_atomic_t g_child = 0;
-
-void ForwardSignal(int sig) {
-  if (g_child > 0) kill(static_cast<pid_t>(g_child), sig);
 }
 
 }  // namespace
@@ -73,46 +59,10 @@ Status BuildMpirunCommand(const JobConfig& config, const MpirunRequest& request,
   return Status::OK();
 }
 
-Status RunAndWait(const std::vector<std::string>& argv) {
+std::string CommandLine(const std::vector<std::string>& argv) {
   std::string line;
   for (const std::string& s : argv) line += (line.empty() ? "" : " ") + Quote(s);
-  spdlog::info("launching: {}", line);
-  std::fflush(stdout);
-  std::fflush(stderr);
-  const pid_t pid = fork();
-  if (pid < 0) return Status::Internal(std::string("fork: ") + std::strerror(errno));
-  if (pid == 0) {
-    // mpirun relays the ranks' output through pipes: let rank 0 draw its
-    // progress bar when this process writes to a terminal.
-    if (isatty(STDERR_FILENO) == 1 && env::Get(env::kProgress, nullptr) == nullptr) setenv(env::kProgress, "tty", 1);
-    std::vector<char*> args;
-    for (const std::string& s : argv) args.push_back(const_cast<char*>(s.c_str()));
-    args.push_back(nullptr);
-    execvp(args[0], args.data());
-    std::fprintf(stderr, "dtrain: cannot run %s: %s\n", args[0], std::strerror(errno));
-    _exit(127);
-  }
-  g_child = pid;
-  struct sigaction sa {}, old_int {}, old_term {};
-  sa.sa_handler = ForwardSignal;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, &old_int);
-  sigaction(SIGTERM, &sa, &old_term);
-  int wstatus = 0;
-  pid_t r;
-  do {
-    r = waitpid(pid, &wstatus, 0);
-  } while (r < 0 && errno == EINTR);
-  sigaction(SIGINT, &old_int, nullptr);
-  sigaction(SIGTERM, &old_term, nullptr);
-  g_child = 0;
-  if (r < 0) return Status::Internal(std::string("waitpid: ") + std::strerror(errno));
-  if (WIFEXITED(wstatus) && WEXITSTATUS(wstatus) == 0) return Status::OK();
-  if (WIFSIGNALED(wstatus)) {
-    return Status::Aborted("the workers' launcher was killed by signal " + std::to_string(WTERMSIG(wstatus)));
-  }
-  return Status::Aborted("the workers failed (mpirun exit status " + std::to_string(WEXITSTATUS(wstatus)) +
-                         "); their messages are above");
+  return line;
 }
 
 }  // namespace dtrain::coordinator

@@ -18,6 +18,8 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
+#include <string>
 #include <thread>
 
 #include "dtrain/common/config.h"
@@ -25,12 +27,15 @@
 #include "dtrain/common/logging.h"
 #include "dtrain/common/port_file.h"
 #include "dtrain/common/rpc.h"
+#include "dtrain/coordinator/membership.h"
 #include "dtrain/paramserver/mpmd.h"
 #include "dtrain/paramserver/service.h"
 
 namespace {
 
 std::atomic<bool> g_stop{false};
+// Set when a coordinator started this shard (DTRAIN_COORDINATOR).
+std::unique_ptr<dtrain::coordinator::MembershipClient> g_membership;
 void OnSignal(int) { g_stop = true; }
 
 bool UnderMpirun() {
@@ -41,6 +46,7 @@ bool UnderMpirun() {
 }
 
 int Fail(const dtrain::Status& st, bool mpi) {
+  if (g_membership) g_membership->Goodbye(st);
   std::fprintf(stderr, "dtrain-ps: %s\n", st.ToString().c_str());
   std::fflush(stderr);
   if (mpi) MPI_Abort(MPI_COMM_WORLD, 1);  // ends the workers too: none waits for a shard that is gone
@@ -98,7 +104,14 @@ int main(int argc, char** argv) {
   dtrain::LoggingOptions lo;
   lo.role = "ps";
   lo.rank = shard;
+  if (const char* dir = dtrain::env::Get(dtrain::env::kLogDir, nullptr)) {
+    lo.file = std::string(dir) + "/ps-" + std::to_string(shard) + ".log";
+  }
   if (dtrain::Status st = dtrain::InitLogging(lo); !st.ok()) return Fail(st, mpi);
+  if (dtrain::Status st = dtrain::coordinator::MembershipClient::FromEnvironment(dtrain::PARAM_SERVER, shard, &g_membership);
+      !st.ok()) {
+    return Fail(st, mpi);
+  }
 
   if (!run_dir.empty()) overrides.push_back("run_dir=" + run_dir);
   dtrain::JobConfig config;
@@ -134,6 +147,10 @@ int main(int argc, char** argv) {
   }
   LogCounters(*server);
   server->Shutdown();
+  if (g_membership) {
+    g_membership->Goodbye(dtrain::Status::OK());
+    g_membership.reset();
+  }
   if (mpi) MPI_Finalize();
   return 0;
 }

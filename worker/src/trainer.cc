@@ -407,6 +407,16 @@ Status Trainer::Run(TrainResult* result) {
   double interval_loss = 0, interval_data = 0, interval_compute = 0, interval_step = 0;
   int64_t interval_steps = 0, interval_images = 0, total_images = 0;
   double last_loss = 0;
+  TrainProgress progress;
+  progress.step = step;
+  progress.total_steps = m.total_steps;
+  auto report = [&](const char* phase) {
+    if (!m.options.on_progress) return;
+    progress.step = step;
+    progress.phase = phase;
+    m.options.on_progress(progress);
+  };
+  report("training");
   const auto run_start = Clock::now();
   auto interval_start = run_start;
 
@@ -490,6 +500,8 @@ Status Trainer::Run(TrainResult* result) {
         const double mean_loss = strategy.AverageAcrossWorkers(interval_loss / static_cast<double>(interval_steps));
         const double ips = static_cast<double>(interval_images) * strategy.world_size() / std::max(secs, 1e-9);
         last_loss = mean_loss;
+        progress.loss = mean_loss;
+        progress.images_per_sec = static_cast<double>(interval_images) / std::max(secs, 1e-9);
         if (m.metrics) {
           const double n = static_cast<double>(interval_steps);
           MetricsLog::Record rec = {{"step", static_cast<double>(step)},
@@ -518,8 +530,12 @@ Status Trainer::Run(TrainResult* result) {
         interval_steps = interval_images = 0;
         interval_start = Clock::now();
       }
+      progress.epoch = static_cast<double>(epoch) + static_cast<double>(epoch_step) / static_cast<double>(per_epoch);
+      report("training");
       if (ck.every_steps() > 0 && step % ck.every_steps() == 0 && step < m.total_steps && strategy.is_chief()) {
+        report("checkpointing");
         DTRAIN_RETURN_IF_ERROR(m.SaveCheckpoint(state_at(batch.state_after.epoch, batch.state_after.position)));
+        report("training");
       }
     }
     if (bar) bar->Finish();
@@ -532,11 +548,16 @@ Status Trainer::Run(TrainResult* result) {
     }
     if (epoch_done && strategy.is_chief() &&
         (step == m.total_steps || (ck.every_epochs() > 0 && (epoch + 1) % ck.every_epochs() == 0))) {
+      report("checkpointing");
       DTRAIN_RETURN_IF_ERROR(m.SaveCheckpoint(state_at(static_cast<uint64_t>(epoch + 1), 0)));
+      report("training");
     }
   }
   if (!finished) DTRAIN_RETURN_IF_ERROR(strategy.Finish());
-  if (m.writer) DTRAIN_RETURN_IF_ERROR(m.writer->Flush().WithContext("writing checkpoints"));
+  if (m.writer) {
+    report("checkpointing");
+    DTRAIN_RETURN_IF_ERROR(m.writer->Flush().WithContext("writing checkpoints"));
+  }
 
   TrainResult r;
   r.steps = step;
@@ -558,6 +579,7 @@ Status Trainer::Run(TrainResult* result) {
       DTRAIN_RETURN_IF_ERROR(SaveModel(*m.model, cfg.model(), cfg.run_dir() + "/model.pt"));
     }
     if (m.options.evaluate && cfg.eval().at_end()) {
+      report("evaluating");
       DTRAIN_RETURN_IF_ERROR(EvaluateOnTestSplit(cfg, *m.model, &r.model_metrics, &r.raw_pixel_metrics));
       r.evaluated = true;
       if (m.options.write_outputs) {
@@ -566,6 +588,7 @@ Status Trainer::Run(TrainResult* result) {
       }
     }
   }
+  report("done");
   if (result) *result = r;
   return Status::OK();
 }

@@ -1,15 +1,20 @@
 // dtrain-worker: one training process. Started by `dtrain run` (through
 // launch/mpirun.sh when the job has several workers), by mpirun directly:
 //   mpirun -np 2 dtrain-worker --config job.textproto [--set k=v]...
-// or alone (one local worker).
+// or alone (one local worker). Started by a coordinator (DTRAIN_COORDINATOR
+// set), it registers, heartbeats with its progress and says goodbye
+// (coordinator/membership.h).
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
+#include <string>
 #include <sstream>
 
 #include "dtrain/common/config.h"
 #include "dtrain/common/env.h"
 #include "dtrain/common/logging.h"
+#include "dtrain/coordinator/membership.h"
 #include "dtrain/worker/collective/mpi_collective.h"
 #include "dtrain/worker/run_job.h"
 
@@ -42,24 +47,43 @@ int main(int argc, char** argv) {
   app.add_flag("--force", force, "use a checkpoint store that another job or model config created");
   CLI11_PARSE(app, argc, argv);
 
+  const bool mpi = dtrain::collective::MpiRuntime::LaunchedByMpirun();
+  const int rank = mpi ? WorkerRank() : 0;
   dtrain::LoggingOptions lo;
   lo.role = "worker";
-  if (dtrain::collective::MpiRuntime::LaunchedByMpirun()) {
-    lo.rank = WorkerRank();
+  if (mpi) lo.rank = rank;
+  // Under a coordinator's mpirun: one log file per rank in <run dir>/logs.
+  if (const char* dir = dtrain::env::Get(dtrain::env::kLogDir, nullptr)) {
+    lo.file = std::string(dir) + "/worker-" + std::to_string(rank) + ".log";
   }
   if (dtrain::Status st = dtrain::InitLogging(lo); !st.ok()) {
     std::fprintf(stderr, "dtrain-worker: %s\n", st.ToString().c_str());
     return 2;
   }
+  std::unique_ptr<dtrain::coordinator::MembershipClient> membership;
+  dtrain::Status st = dtrain::coordinator::MembershipClient::FromEnvironment(dtrain::WORKER, rank, &membership);
   if (!run_dir.empty()) overrides.push_back("run_dir=" + run_dir);
   dtrain::JobConfig config;
-  dtrain::Status st = dtrain::LoadJobConfig(config_path, overrides, &config);
+  if (st.ok()) st = dtrain::LoadJobConfig(config_path, overrides, &config);
   if (st.ok()) {
     dtrain::worker::TrainerOptions options;
     options.progress = !no_progress;
     options.resume = resume;
     options.force_store = force;
+    if (membership) {
+      options.on_progress = [&membership](const dtrain::worker::TrainProgress& p) {
+        dtrain::Progress pr;
+        pr.set_step(p.step);
+        pr.set_total_steps(p.total_steps);
+        pr.set_epoch(p.epoch);
+        pr.set_loss(p.loss);
+        pr.set_images_per_sec(p.images_per_sec);
+        pr.set_phase(p.phase);
+        membership->SetProgress(pr);
+      };
+    }
     st = dtrain::worker::RunJob(config, options, nullptr);
   }
+  if (membership) membership->Goodbye(st);
   return dtrain::worker::FinishProcess("dtrain-worker", st);
 }

@@ -8,8 +8,8 @@ namespace dtrain::env {
 // Log level for every process: trace, debug, info, warn, error, off.
 inline constexpr const char* kLogLevel = "DTRAIN_LOG_LEVEL";
 // "0" turns the TTY progress bar off (periodic log lines instead); "tty"
-// turns it on although stderr is not a terminal (set by `dtrain run` for the
-// workers it starts under mpirun, which relays their output to its terminal).
+// turns it on although stderr is not a terminal. The coordinator removes it
+// from the processes it starts (it draws the job's progress itself).
 inline constexpr const char* kProgress = "DTRAIN_PROGRESS";
 // Where launch/install-deps.sh put the torch venv (used by scripts only).
 inline constexpr const char* kTorchDir = "DTRAIN_TORCH_DIR";
@@ -24,17 +24,24 @@ inline constexpr const char* kPmixRank = "PMIX_RANK";
 inline constexpr const char* kOmpiWorldRank = "OMPI_COMM_WORLD_RANK";
 inline constexpr const char* kOmpiLocalSize = "OMPI_COMM_WORLD_LOCAL_SIZE";
 
-// The job token every dtrain RPC must carry (common/rpc.h). Launchers give it
-// to the processes they start through this variable, never on a command line
-// (where `ps` would show it).
-// Addresses (HOST:PORT,...) of running dtrain-ps shards for one async worker
-// started without mpirun.
 // Open MPI, in an MPMD launch: this rank's program (0, 1, ...) and the rank
 // counts of all programs ("2 2").
 inline constexpr const char* kOmpiAppNum = "OMPI_MCA_orte_app_num";
 inline constexpr const char* kOmpiAppProcs = "OMPI_APP_CTX_NUM_PROCS";
+// Addresses (HOST:PORT,...) of running dtrain-ps shards for one async worker
+// started without mpirun.
 inline constexpr const char* kPsAddresses = "DTRAIN_PS_ADDRESSES";
+// The job token every dtrain RPC must carry (common/rpc.h). Launchers give it
+// to the processes they start through this variable, never on a command line
+// (where `ps` would show it).
 inline constexpr const char* kJobToken = "DTRAIN_JOB_TOKEN";
+
+// Set by the coordinator's launchers (coordinator/membership.h): where the
+// coordinator listens (HOST:PORT), the job's id, and the directory for the
+// per-process log files (<run dir>/logs).
+inline constexpr const char* kCoordinator = "DTRAIN_COORDINATOR";
+inline constexpr const char* kJobId = "DTRAIN_JOB_ID";
+inline constexpr const char* kLogDir = "DTRAIN_LOG_DIR";
 
 // Returns the variable's value, or `fallback` when it is unset or empty.
 const char* Get(const char* name, const char* fallback);

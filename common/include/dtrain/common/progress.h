@@ -49,6 +49,8 @@ class ProgressBar {
 
   // `done` units are complete; `fields` are shown after the counts.
   void Update(int64_t done, const Fields& fields = {});
+  // Changes the total (e.g. once it becomes known).
+  void SetTotal(int64_t total) { opt_.total = total; }
   // Writes the final state (and the newline on a terminal). Idempotent.
   void Finish();
 

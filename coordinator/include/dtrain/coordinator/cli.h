@@ -16,14 +16,19 @@ void AddDataCommands(CLI::App& app, int* exit_code);
 // dtrain run CONFIG [--set k=v]... [--run-dir DIR]; dtrain eval RUN_DIR
 void AddRunCommands(CLI::App& app, int* exit_code);
 
+// dtrain submit CONFIG | stop JOB | logs JOB --coordinator HOST:PORT
+// (dtrain-coordinator's users), logs RUN_DIR.
+void AddJobCommands(CLI::App& app, int* exit_code);
+
 // dtrain ckpt list|inspect|export PATH
 void AddCkptCommands(CLI::App& app, int* exit_code);
 
 // dtrain index build|query|eval|info
 void AddIndexCommands(CLI::App& app, int* exit_code);
 
-// dtrain status [RUN_DIR]...: what each run directory holds (checkpoints,
-// evaluation, index).
+// dtrain status [RUN_DIR]...: what each run directory holds (jobs and their
+// processes, checkpoints, evaluation, index); with --coordinator, every job
+// of a dtrain-coordinator and its processes.
 void AddStatusCommand(CLI::App& app, int* exit_code);
 
 // dtrain version: dtrain's version and every library it was built with.

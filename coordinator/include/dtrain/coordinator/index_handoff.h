@@ -2,7 +2,7 @@
 // builder.
 //
 // When a job completes and index.build_at_end is set, the coordinator (the
-// one embedded in `dtrain run`, until the coordinator service lands) calls
+// one embedded in `dtrain run`, or dtrain-coordinator) calls
 // IndexBuilder.Build with the run directory (its model.pt carries the model
 // config) and the job's index section. index.builder_address picks the
 // builder: empty builds in-process, HOST:PORT asks that dtrain-indexer
@@ -11,6 +11,7 @@
 #pragma once
 
 #include "dtrain/common/status.h"
+#include "dtrain/coordinator/coordinator.h"
 #include "dtrain/indexer/index_builder.h"
 #include "dtrain/job.pb.h"
 
@@ -25,5 +26,10 @@ Status HandOffToIndexer(const JobConfig& config, indexer::IndexBuilder& builder,
 
 // The builder index.builder_address asks for (see above).
 Status MakeIndexBuilder(const JobConfig& config, bool progress, std::unique_ptr<indexer::IndexBuilder>* out);
+
+// The coordinator's hand-off step (coordinator.h, step 6): builds the index
+// when index.build_at_end is set (nothing otherwise), prints
+// "index: <summary>" and returns the summary.
+HandOffFn IndexHandOff(bool progress);
 
 }  // namespace dtrain::coordinator

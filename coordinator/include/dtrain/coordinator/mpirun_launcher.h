@@ -1,11 +1,9 @@
 // The MPIRUN launcher: runs the workers of a job under mpirun, through
 // launch/mpirun.sh (which adds the flags containers and small machines need).
-// `dtrain run` uses it for every job of more than one worker; launch.launcher
-// LOCAL runs the ranks on this machine, MPIRUN on the hosts of
-// launch.hostfile.
-//
-// Until the coordinator (docs/status.md) launches workers itself, mpirun is the
-// only way a multi-worker job starts: the MPI backend needs an MPI world.
+// The coordinator (coordinator.h) uses it for every job of more than one
+// worker: launch.launcher LOCAL runs the ranks on this machine, MPIRUN on the
+// hosts of launch.hostfile. Open MPI wires a world of several ranks only
+// under its own launcher.
 #pragma once
 
 #include <string>
@@ -39,9 +37,7 @@ struct MpirunRequest {
 // InvalidArgument / NotFound when a program or the hostfile is missing.
 Status BuildMpirunCommand(const JobConfig& config, const MpirunRequest& request, std::vector<std::string>* argv);
 
-// Runs `argv` in a child process with this process's stdout and stderr, waits
-// for it and returns OK when it exits 0. SIGINT and SIGTERM received
-// meanwhile are passed on to it (mpirun forwards them to the ranks).
-Status RunAndWait(const std::vector<std::string>& argv);
+// `argv` as one shell-quoted line, for logs.
+std::string CommandLine(const std::vector<std::string>& argv);
 
 }  // namespace dtrain::coordinator

@@ -21,6 +21,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -32,6 +33,18 @@
 #include "dtrain/worker/strategy.h"
 
 namespace dtrain::worker {
+
+// Where training stands, for the coordinator's heartbeats.
+struct TrainProgress {
+  int64_t step = 0;
+  int64_t total_steps = 0;
+  double epoch = 0;
+  // Mean loss and this worker's images/s over the last logged interval.
+  double loss = 0;
+  double images_per_sec = 0;
+  // "training", "checkpointing", "evaluating", "done".
+  const char* phase = "training";
+};
 
 struct TrainerOptions {
   // Write config.textproto, metrics.jsonl, model.pt and eval.json (chief only).
@@ -53,6 +66,9 @@ struct TrainerOptions {
   // Stop (as if interrupted) after this many steps in all, without the final
   // checkpoint or evaluation; 0 = run to the end. For tests and benchmarks.
   int64_t stop_after_steps = 0;
+  // Called on the training thread after every step and at every change of
+  // phase (dtrain-worker passes it to the coordinator). Must be cheap.
+  std::function<void(const TrainProgress&)> on_progress;
 };
 
 struct TrainResult {
