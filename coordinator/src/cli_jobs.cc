@@ -38,6 +38,18 @@ Status ConnectCoordinator(const CoordinatorArgs& args, std::unique_ptr<coordinat
   return Status::OK();
 }
 
+Status MakeSubmitRequest(const std::string& path, const std::vector<std::string>& overrides, bool resume, bool force,
+                         SubmitRequest* request) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Status::NotFound("cannot read the config " + path);
+  request->set_config_text(std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()));
+  for (const std::string& o : overrides) request->add_overrides(o);
+  request->set_origin(path);
+  request->set_resume(resume);
+  request->set_force(force);
+  return Status::OK();
+}
+
 namespace {
 
 struct SubmitArgs {
@@ -65,16 +77,10 @@ Status Submit(const SubmitArgs& a) {
   // The coordinator may run in another directory: the run directory is
   // given as an absolute path (on a filesystem both see).
   overrides.push_back("run_dir=" + fs::absolute(config.run_dir()).lexically_normal().string());
-  std::ifstream in(a.config, std::ios::binary);
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  SubmitRequest req;
+  DTRAIN_RETURN_IF_ERROR(MakeSubmitRequest(a.config, overrides, a.resume, a.force, &req));
   std::unique_ptr<coordinator::CoordinatorClient> client;
   DTRAIN_RETURN_IF_ERROR(ConnectCoordinator(a.coordinator, &client));
-  SubmitRequest req;
-  req.set_config_text(text);
-  for (const std::string& o : overrides) req.add_overrides(o);
-  req.set_origin(a.config);
-  req.set_resume(a.resume);
-  req.set_force(a.force);
   SubmitReply reply;
   DTRAIN_RETURN_IF_ERROR(client->Submit(req, &reply));
   std::printf("submitted job %s (run directory %s)\n", reply.job_id().c_str(), reply.run_dir().c_str());

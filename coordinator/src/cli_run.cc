@@ -11,15 +11,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <functional>
-#include <iterator>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "cli_coordinator.h"
 #include "dtrain/common/config.h"
 #include "dtrain/common/env.h"
 #include "dtrain/common/rpc.h"
@@ -173,8 +172,6 @@ Status Run(const RunArgs& a, int* exit_code) {
   if (!a.run_dir.empty()) overrides.push_back("run_dir=" + a.run_dir);
   JobConfig config;
   DTRAIN_RETURN_IF_ERROR(LoadJobConfig(a.config, overrides, &config));
-  std::ifstream in(a.config, std::ios::binary);
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 
   auto view = std::make_shared<LiveView>(!a.no_progress && config.training().progress_bar());
   coordinator::CoordinatorOptions o;
@@ -194,11 +191,7 @@ Status Run(const RunArgs& a, int* exit_code) {
   spdlog::info("coordinator listening on {} (state in {})", c->address(), o.state_dir);
 
   SubmitRequest req;
-  req.set_config_text(text);
-  for (const std::string& ov : overrides) req.add_overrides(ov);
-  req.set_origin(a.config);
-  req.set_resume(a.resume);
-  req.set_force(a.force);
+  DTRAIN_RETURN_IF_ERROR(MakeSubmitRequest(a.config, overrides, a.resume, a.force, &req));
   SubmitReply reply;
   DTRAIN_RETURN_IF_ERROR(c->Submit(req, &reply));
   const std::string id = reply.job_id();

@@ -1,0 +1,133 @@
+// The pipeline engine on real ranks: the world's ranks are the stages of one
+// pipeline (2 or 3 under ctest). For GPipe and 1F1B, with even and uneven
+// micro-batches, every stage's gradients (and the BatchNorm running
+// statistics) must equal those of the same micro-batches run one after the
+// other through the whole model on one process, with the same per-sample
+// scaling; the reference is computed on every rank, in-process. 1F1B must
+// keep at most S - s micro-batches of activations alive on stage s.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "dtrain/models/registry.h"
+#include "dtrain/worker/collective/mpi_collective.h"
+#include "dtrain/worker/pipeline.h"
+
+namespace dtrain::worker::pipeline {
+namespace {
+
+struct Model {
+  models::Embedder net{nullptr};
+  std::shared_ptr<models::LossModuleImpl> loss;
+};
+
+Model MakeModel() {
+  torch::manual_seed(11);
+  ModelConfig mc;
+  mc.set_name("resnet_embedder");
+  mc.set_embedding_dim(16);
+  mc.add_widths(8);
+  mc.add_widths(16);
+  Model m;
+  EXPECT_TRUE(models::BuildEmbedder(mc, &m.net).ok());
+  LossConfig lc;
+  lc.set_name("arcface");
+  EXPECT_TRUE(models::BuildLoss(lc, 16, 10, &m.loss).ok());
+  return m;
+}
+
+struct Case {
+  PipelineConfig::Schedule schedule;
+  int64_t batch;
+  int micro_batches;
+};
+
+class PipelineRanksTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(PipelineRanksTest, StagesEqualTheSameMicroBatchesThroughTheWholeModel) {
+  const Case c = GetParam();
+  collective::MpiCollectiveOptions co;
+  co.timeout = std::chrono::seconds(60);
+  std::unique_ptr<collective::MpiCollective> comm;
+  ASSERT_TRUE(collective::MpiCollective::Create(co, &comm).ok());
+  const int stages = comm->size(), stage = comm->rank();
+
+  torch::manual_seed(5);
+  const torch::Tensor x = torch::randn({c.batch, 1, 28, 28});
+  const torch::Tensor y = torch::randint(0, 10, {c.batch}, torch::kInt64);
+
+  // The reference: the micro-batches one after the other, scaled n_i / B.
+  Model ref = MakeModel();
+  const std::vector<int64_t> sizes = MicroBatchSizes(c.batch, c.micro_batches);
+  int64_t at = 0;
+  for (int64_t n : sizes) {
+    torch::Tensor l = ref.loss->Compute(ref.net->forward(x.narrow(0, at, n)), y.narrow(0, at, n)).loss;
+    (l * (static_cast<double>(n) / static_cast<double>(c.batch))).backward();
+    at += n;
+  }
+
+  // The pipeline: this rank holds stage `stage` of a parameter-balanced cut.
+  Model m = MakeModel();
+  PipelineConfig pc;
+  pc.set_stages(stages);
+  Partition part;
+  ASSERT_TRUE(PartitionModel(pc, m.net->layers(), torch::Tensor(), &part).ok());
+  StageOptions o;
+  o.stage = stage;
+  o.stages = stages;
+  o.prev_rank = stage - 1;
+  o.next_rank = stage + 1 < stages ? stage + 1 : -1;
+  o.micro_batches = c.micro_batches;
+  o.schedule = c.schedule;
+  StageExecutor exec(m.net->SliceLayers(part.begin(stage), part.end(stage)), comm.get(), o);
+  StageStats stats;
+  const Status st = exec.RunMiniBatch(stage == 0 ? x : torch::Tensor(), y, c.batch,
+                                      [&](const torch::Tensor& out, const torch::Tensor& labels) {
+                                        return m.loss->Compute(out, labels).loss;
+                                      },
+                                      &stats);
+  ASSERT_TRUE(st.ok()) << st;
+
+  // This stage's parameters and buffers against the reference's.
+  const auto ref_params = ref.net->named_parameters();
+  const auto ref_buffers = ref.net->named_buffers();
+  int compared = 0;
+  for (const auto& p : m.net->named_parameters()) {
+    // "layers.<i>...." belongs to stage s when begin <= i < end.
+    const int layer = std::stoi(p.key().substr(7, p.key().find('.', 7) - 7));
+    if (layer < part.begin(stage) || layer >= part.end(stage)) continue;
+    ASSERT_TRUE(p.value().grad().defined()) << p.key();
+    EXPECT_TRUE(torch::allclose(p.value().grad(), ref_params[p.key()].grad(), 1e-4, 1e-6))
+        << p.key() << " on stage " << stage;
+    ++compared;
+  }
+  for (const auto& b : m.net->named_buffers()) {
+    const int layer = std::stoi(b.key().substr(7, b.key().find('.', 7) - 7));
+    if (layer < part.begin(stage) || layer >= part.end(stage)) continue;
+    EXPECT_TRUE(torch::allclose(b.value().to(torch::kDouble), ref_buffers[b.key()].to(torch::kDouble), 1e-5, 1e-6))
+        << b.key() << " on stage " << stage;
+  }
+  EXPECT_GT(compared, 0);
+  if (stage == stages - 1) {
+    const auto ref_loss = ref.loss->named_parameters();
+    for (const auto& p : m.loss->named_parameters()) {
+      EXPECT_TRUE(torch::allclose(p.value().grad(), ref_loss[p.key()].grad(), 1e-4, 1e-6)) << "loss " << p.key();
+    }
+    EXPECT_GT(stats.loss, 0);
+  }
+  const int bound = c.schedule == PipelineConfig::GPIPE ? c.micro_batches : std::min(stages - stage, c.micro_batches);
+  EXPECT_EQ(stats.peak_in_flight, bound) << "stage " << stage;
+}
+
+INSTANTIATE_TEST_SUITE_P(Schedules, PipelineRanksTest,
+                         ::testing::Values(Case{PipelineConfig::GPIPE, 16, 4}, Case{PipelineConfig::ONE_F_ONE_B, 16, 4},
+                                           Case{PipelineConfig::ONE_F_ONE_B, 14, 4},
+                                           Case{PipelineConfig::GPIPE, 14, 5}),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return std::string(info.param.schedule == PipelineConfig::GPIPE ? "GPipe" : "OneFOneB") +
+                                  "_B" + std::to_string(info.param.batch) + "_M" +
+                                  std::to_string(info.param.micro_batches);
+                         });
+
+}  // namespace
+}  // namespace dtrain::worker::pipeline
