@@ -1,9 +1,12 @@
 // The pipeline engine on real ranks: the world's ranks are the stages of one
 // pipeline (2 or 3 under ctest). For GPipe and 1F1B, with even and uneven
-// micro-batches, every stage's gradients (and the BatchNorm running
-// statistics) must equal those of the same micro-batches run one after the
-// other through the whole model on one process, with the same per-sample
-// scaling; the reference is computed on every rank, in-process. 1F1B must
+// micro-batches, every stage's gradients must equal those of the same
+// micro-batches run one after the other through the whole model on one
+// process, with the same per-sample scaling, and its BatchNorm running
+// statistics those of one non-pipelined forward of the whole mini-batch
+// (deferred BatchNorm: exactly for the first layer, whose inputs are the
+// same, closely for the deeper ones); the references are computed on every
+// rank, in-process. 1F1B must
 // keep at most S - s micro-batches of activations alive on stage s.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -66,6 +69,14 @@ TEST_P(PipelineRanksTest, StagesEqualTheSameMicroBatchesThroughTheWholeModel) {
     at += n;
   }
 
+  // The running statistics one non-pipelined forward of the mini-batch
+  // leaves (deferred BatchNorm).
+  Model full = MakeModel();
+  {
+    torch::NoGradGuard no_grad;
+    full.net->forward(x);
+  }
+
   // The pipeline: this rank holds stage `stage` of a parameter-balanced cut.
   Model m = MakeModel();
   PipelineConfig pc;
@@ -90,7 +101,7 @@ TEST_P(PipelineRanksTest, StagesEqualTheSameMicroBatchesThroughTheWholeModel) {
 
   // This stage's parameters and buffers against the reference's.
   const auto ref_params = ref.net->named_parameters();
-  const auto ref_buffers = ref.net->named_buffers();
+  const auto full_buffers = full.net->named_buffers();
   int compared = 0;
   for (const auto& p : m.net->named_parameters()) {
     // "layers.<i>...." belongs to stage s when begin <= i < end.
@@ -104,8 +115,15 @@ TEST_P(PipelineRanksTest, StagesEqualTheSameMicroBatchesThroughTheWholeModel) {
   for (const auto& b : m.net->named_buffers()) {
     const int layer = std::stoi(b.key().substr(7, b.key().find('.', 7) - 7));
     if (layer < part.begin(stage) || layer >= part.end(stage)) continue;
-    EXPECT_TRUE(torch::allclose(b.value().to(torch::kDouble), ref_buffers[b.key()].to(torch::kDouble), 1e-5, 1e-6))
-        << b.key() << " on stage " << stage;
+    // The first layer's BatchNorm sees the same inputs in both: its running
+    // statistics must agree to float precision (this checks the combination
+    // of the micro-batches' statistics, spatial counts included). Deeper
+    // ones see inputs normalised with micro-batch statistics upstream, so
+    // they agree only closely. num_batches_tracked advances by one.
+    const bool first_layer = layer == 0;
+    EXPECT_TRUE(torch::allclose(b.value().to(torch::kDouble), full_buffers[b.key()].to(torch::kDouble),
+                                first_layer ? 1e-5 : 5e-2, first_layer ? 1e-6 : 1e-3))
+        << b.key() << " on stage " << stage << ": " << b.value() << " vs " << full_buffers[b.key()];
   }
   EXPECT_GT(compared, 0);
   if (stage == stages - 1) {

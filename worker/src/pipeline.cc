@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <map>
 #include <memory>
+#include <optional>
 #include <limits>
 
 namespace dtrain::worker::pipeline {
@@ -28,6 +29,115 @@ int Tag(int micro_batch, int kind) { return micro_batch * 4 + kind; }
 constexpr int kHeaderTag = 0;
 constexpr int kActivationTag = 1;
 constexpr int kGradientTag = 2;
+
+// Deferred BatchNorm (step 4 of pipeline.h): every BatchNorm of the stage
+// normalises with its micro-batch's statistics, but its running statistics
+// are updated once per mini-batch, with the statistics of the whole
+// mini-batch, as one non-pipelined forward would.
+//
+// How: during the micro-batch forwards each BatchNorm runs with momentum 1,
+// so that after a forward its running mean and (unbiased) variance are that
+// micro-batch's; they are collected, and at the end the mini-batch's mean
+// and variance are combined from them (the parallel-variance formula with
+// the element counts n_i x spatial size) and applied to the saved running
+// statistics with the module's own momentum; num_batches_tracked advances
+// by one. The spatial size of a BatchNorm's input is taken as that of its
+// layer's output, which holds for every layer of the embedder (stem, basic
+// blocks, head: models/embedder.h).
+class DeferredBatchNorm {
+ public:
+  DeferredBatchNorm(torch::nn::Sequential& stage, int micro_batches) {
+    size_t layer = 0;
+    for (auto& any : *stage) {
+      for (const auto& m : any.ptr()->modules(/*include_self=*/true)) {
+        if (auto* bn = dynamic_cast<torch::nn::BatchNorm2dImpl*>(m.get())) Add(layer, bn);
+        if (auto* bn = dynamic_cast<torch::nn::BatchNorm1dImpl*>(m.get())) Add(layer, bn);
+      }
+      ++layer;
+    }
+    layer_spatial_.assign(layer, 1);
+    (void)micro_batches;
+  }
+  bool empty() const { return norms_.empty(); }
+  // The spatial size of layer `layer`'s output.
+  void SetSpatial(size_t layer, int64_t spatial) { layer_spatial_[layer] = spatial; }
+  // After micro-batch i's forward (n samples).
+  void Collect(int64_t n) {
+    for (Norm& b : norms_) {
+      b.means.push_back(b.running_mean->clone());
+      b.vars.push_back(b.running_var->clone());
+      b.counts.push_back(n * layer_spatial_[b.layer]);
+    }
+  }
+  // The running statistics of the whole mini-batch, and the momentum back.
+  void Finish() {
+    torch::NoGradGuard no_grad;
+    for (Norm& b : norms_) {
+      if (!b.counts.empty()) {
+        double total = 0;
+        for (int64_t c : b.counts) total += static_cast<double>(c);
+        torch::Tensor mean = torch::zeros_like(b.mean0);
+        for (size_t i = 0; i < b.means.size(); ++i) mean += b.means[i] * (static_cast<double>(b.counts[i]) / total);
+        // Sum of squared deviations from the mini-batch mean.
+        torch::Tensor ss = torch::zeros_like(b.var0);
+        for (size_t i = 0; i < b.means.size(); ++i) {
+          const double c = static_cast<double>(b.counts[i]);
+          ss += b.vars[i] * (c - 1.0) + (b.means[i] - mean).pow(2) * c;
+        }
+        const torch::Tensor var = ss / std::max(total - 1.0, 1.0);
+        const double m = b.momentum0.has_value() ? *b.momentum0 : 1.0 / static_cast<double>(b.count0 + 1);
+        b.running_mean->copy_(b.mean0 * (1.0 - m) + mean * m);
+        b.running_var->copy_(b.var0 * (1.0 - m) + var * m);
+        b.num_batches_tracked->fill_(b.count0 + 1);
+      }
+      *b.momentum = b.momentum0;
+    }
+    norms_.clear();
+  }
+  // On an error: the running statistics and momentum as they were.
+  ~DeferredBatchNorm() {
+    torch::NoGradGuard no_grad;
+    for (Norm& b : norms_) {
+      b.running_mean->copy_(b.mean0);
+      b.running_var->copy_(b.var0);
+      b.num_batches_tracked->fill_(b.count0);
+      *b.momentum = b.momentum0;
+    }
+  }
+
+ private:
+  struct Norm {
+    size_t layer = 0;
+    torch::Tensor* running_mean = nullptr;
+    torch::Tensor* running_var = nullptr;
+    torch::Tensor* num_batches_tracked = nullptr;
+    std::optional<double>* momentum = nullptr;
+    torch::Tensor mean0, var0;
+    int64_t count0 = 0;
+    std::optional<double> momentum0;
+    std::vector<torch::Tensor> means, vars;
+    std::vector<int64_t> counts;
+  };
+  template <typename BN>
+  void Add(size_t layer, BN* bn) {
+    if (!bn->is_training() || !bn->options.track_running_stats()) return;
+    Norm b;
+    b.layer = layer;
+    b.running_mean = &bn->running_mean;
+    b.running_var = &bn->running_var;
+    b.num_batches_tracked = &bn->num_batches_tracked;
+    b.momentum = &bn->options.momentum();
+    b.mean0 = bn->running_mean.clone();
+    b.var0 = bn->running_var.clone();
+    b.count0 = bn->num_batches_tracked.template item<int64_t>();
+    b.momentum0 = bn->options.momentum();
+    bn->options.momentum(1.0);
+    norms_.push_back(std::move(b));
+  }
+
+  std::vector<Norm> norms_;
+  std::vector<int64_t> layer_spatial_;
+};
 
 }  // namespace
 
@@ -256,6 +366,9 @@ Status StageExecutor::RunMiniBatch(const torch::Tensor& inputs, const torch::Ten
     int64_t heap_bytes = 0;
   };
   std::map<int, InFlight> alive;
+  std::vector<torch::nn::AnyModule*> layers;
+  for (auto& any : *stage_) layers.push_back(&any);
+  DeferredBatchNorm deferred(stage_, o.micro_batches);
   std::vector<std::shared_ptr<collective::Work>> sends;
   std::vector<torch::Tensor> send_buffers;  // kept alive until the sends finish
   StageStats st;
@@ -307,7 +420,12 @@ Status StageExecutor::RunMiniBatch(const torch::Tensor& inputs, const torch::Ten
         DTRAIN_RETURN_IF_ERROR(wait(comm_->Recv(in, o.prev_rank, Tag(i, kActivationTag), opt)));
         f.input = in.requires_grad_(true);
       }
-      torch::Tensor out = stage_->forward(f.input);
+      torch::Tensor out = f.input;
+      for (size_t l = 0; l < layers.size(); ++l) {
+        out = layers[l]->forward(out);
+        if (out.dim() > 2) deferred.SetSpatial(l, out.numel() / (out.size(0) * out.size(1)));
+      }
+      deferred.Collect(sizes[static_cast<size_t>(i)]);
       if (last) {
         torch::Tensor l = loss(out, labels.narrow(0, offsets[static_cast<size_t>(i)], sizes[static_cast<size_t>(i)]));
         loss_sum += l.item<double>() * static_cast<double>(sizes[static_cast<size_t>(i)]);
@@ -353,6 +471,7 @@ Status StageExecutor::RunMiniBatch(const torch::Tensor& inputs, const torch::Ten
     }
   }
   for (const auto& w : sends) DTRAIN_RETURN_IF_ERROR(wait(w));
+  deferred.Finish();
   st.loss = last ? loss_sum / static_cast<double>(batch) : 0.0;
   if (stats) *stats = st;
   return Status::OK();

@@ -4,8 +4,8 @@
 //
 // Not yet here (docs/status.md): the trainer's pipeline strategy (data
 // loading per stage, the optimizer step, checkpoints gathered from the
-// stages), deferred BatchNorm statistics, data x pipeline parallelism, and
-// the triplet loss's mini-batch miner under GPipe.
+// stages), data x pipeline parallelism, and the triplet loss's mini-batch
+// miner under GPipe.
 //
 // One pipelined mini-batch on stage s of S (StageExecutor::RunMiniBatch):
 //   1. The mini-batch of B samples splits into M micro-batches of
@@ -30,6 +30,20 @@
 //      one pipelined step equals the same M micro-batches run one after the
 //      other through the whole model with the same scaling, and, for layers
 //      without batch statistics, one non-pipelined step on the mini-batch.
+//   4. BatchNorm is deferred (as in torchgpipe): the forward of a
+//      micro-batch normalises with that micro-batch's statistics (what the
+//      gradients above are exact for), but the running statistics are
+//      updated once per mini-batch with the whole mini-batch's mean and
+//      variance, combined from the micro-batches' (pipeline.cc says how), so
+//      evaluation sees what one non-pipelined forward of the mini-batch would
+//      have left. Exact: each BatchNorm's running statistics are the
+//      mean and variance, over the whole mini-batch, of the inputs it saw,
+//      applied once with its momentum; num_batches_tracked advances by one.
+//      Not exact: the normalisation itself uses micro-batch statistics, so
+//      the gradients and the inputs of deeper BatchNorms differ slightly
+//      from a non-pipelined step's (inherent to micro-batching; the first
+//      BatchNorm's statistics match a non-pipelined forward to float
+//      precision, the test checks it).
 //
 // How neighbours agree on shape and dtype: before each activation, the
 // sender sends a header of kHeaderLength int64 values (the number of
