@@ -423,9 +423,6 @@ Status Coordinator::Impl::Submit(const SubmitRequest& request, SubmitReply* repl
   const std::string origin = request.origin().empty() ? "submitted config" : request.origin();
   DTRAIN_RETURN_IF_ERROR(ParseJobConfig(request.config_text(), origin, {request.overrides().begin(),
                                                                           request.overrides().end()}, &config));
-  if (config.parallelism().mode_case() == ParallelismConfig::kPipeline) {
-    return Status::FailedPrecondition("parallelism.pipeline: this build cannot run pipeline jobs yet");
-  }
   std::error_code ec;
   config.set_run_dir(fs::absolute(config.run_dir(), ec).lexically_normal().string());
   const LaunchConfig& l = config.launch();

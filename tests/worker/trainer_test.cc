@@ -132,10 +132,14 @@ TEST_F(TrainerTest, MissingDatasetIsReported) {
 }
 
 TEST_F(TrainerTest, ModesThatCannotRunHereAreRefusedClearly) {
-  // Pipeline is not built yet.
+  // A pipeline's stages are MPI ranks: without mpirun the error says how to
+  // start them; what it cannot do is refused first, naming the field.
   Status st = RunJob(SmokeConfig({"parallelism.pipeline={}", "launch.workers=2"}), {}, nullptr);
   EXPECT_EQ(st.code(), Status::Code::kFailedPrecondition);
-  EXPECT_THAT(st.message(), HasSubstr("is not built yet"));
+  EXPECT_THAT(st.message(), HasSubstr("runs its 2 stages as MPI ranks: start it with `dtrain run`"));
+  st = RunJob(SmokeConfig({"parallelism.pipeline={}", "launch.workers=2", "optimizer.grad_clip_norm=1"}), {}, nullptr);
+  EXPECT_EQ(st.code(), Status::Code::kFailedPrecondition);
+  EXPECT_THAT(st.message(), HasSubstr("optimizer.grad_clip_norm is not supported with parallelism.pipeline"));
   // Async needs shards: without mpirun and without their addresses, the
   // error says how to start them.
   unsetenv("DTRAIN_PS_ADDRESSES");

@@ -443,6 +443,7 @@ Status AsyncStrategy::ApplyUpdate(torch::optim::Optimizer&, bool* recompute) {
 }
 
 Status AsyncStrategy::PrepareCheckpoint() {
+  if (!is_chief()) return Status::OK();  // the chief writes checkpoints
   Impl& m = *impl_;
   DTRAIN_RETURN_IF_ERROR(m.Drain());
   // Values into the model, optimizer state into buffers, then into the local

@@ -13,11 +13,21 @@
 #include "dtrain/paramserver/mpmd.h"
 #include "dtrain/paramserver/service.h"
 #include "dtrain/worker/async_strategy.h"
+#include "dtrain/worker/pipeline_strategy.h"
 #include "dtrain/worker/collective/mpi_collective.h"
 #include "dtrain/worker/sync_strategy.h"
 
 namespace dtrain::worker {
 namespace {
+
+// Threads per rank when training.threads is 0: the cores over the ranks on
+// this node.
+void DefaultThreads(JobConfig* config) {
+  if (config->training().threads() != 0) return;
+  const int local = std::max(1, std::atoi(env::Get(env::kOmpiLocalSize, "1")));
+  const int cores = std::max(1u, std::thread::hardware_concurrency());
+  config->mutable_training()->set_threads(std::max(1, cores / local));
+}
 
 // The sync strategy over every rank of MPI_COMM_WORLD.
 Status MakeSyncStrategy(JobConfig* config, std::unique_ptr<Strategy>* out) {
@@ -34,11 +44,7 @@ Status MakeSyncStrategy(JobConfig* config, std::unique_ptr<Strategy>* out) {
                  world, world);
   }
   config->mutable_launch()->set_workers(world);
-  if (config->training().threads() == 0) {
-    const int local = std::max(1, std::atoi(env::Get(env::kOmpiLocalSize, "1")));
-    const int cores = std::max(1u, std::thread::hardware_concurrency());
-    config->mutable_training()->set_threads(std::max(1, cores / local));
-  }
+  DefaultThreads(config);
   collective::MpiCollectiveOptions co;
   co.timeout = std::chrono::milliseconds(static_cast<int64_t>(static_cast<double>(sc.collective_timeout_s()) * 1e3));
   std::unique_ptr<collective::MpiCollective> coll;
@@ -47,13 +53,40 @@ Status MakeSyncStrategy(JobConfig* config, std::unique_ptr<Strategy>* out) {
   return Status::OK();
 }
 
-// Threads per rank when training.threads is 0: the cores over the ranks on
-// this node.
-void DefaultThreads(JobConfig* config) {
-  if (config->training().threads() != 0) return;
-  const int local = std::max(1, std::atoi(env::Get(env::kOmpiLocalSize, "1")));
-  const int cores = std::max(1u, std::thread::hardware_concurrency());
-  config->mutable_training()->set_threads(std::max(1, cores / local));
+// The pipeline strategy over every rank of MPI_COMM_WORLD: stages x replicas.
+Status MakePipelineStrategy(JobConfig* config, std::unique_ptr<Strategy>* out) {
+  DTRAIN_RETURN_IF_ERROR(CheckPipelineConfig(*config));
+  const PipelineConfig& pc = config->parallelism().pipeline();
+  if (!collective::MpiRuntime::LaunchedByMpirun()) {
+    return Status::FailedPrecondition("parallelism.pipeline runs its " + std::to_string(pc.stages()) +
+                                      " stages as MPI ranks: start it with `dtrain run` or mpirun -np " +
+                                      std::to_string(pc.stages()) + " dtrain-worker ...");
+  }
+  DTRAIN_RETURN_IF_ERROR(collective::MpiRuntime::Init());
+  const int world = collective::MpiRuntime::world_size();
+  if (world % pc.stages() != 0) {
+    return Status::FailedPrecondition("mpirun started " + std::to_string(world) +
+                                      " rank(s), not a multiple of parallelism.pipeline.stages " +
+                                      std::to_string(pc.stages()) + " (launch.workers = stages x replicas)");
+  }
+  config->mutable_launch()->set_workers(world);
+  DefaultThreads(config);
+  collective::MpiCollectiveOptions co;
+  co.timeout = std::chrono::milliseconds(static_cast<int64_t>(static_cast<double>(pc.timeout_s()) * 1e3));
+  PipelineStrategyOptions o;
+  o.config = pc;
+  o.batch = config->data().batch_size();
+  std::unique_ptr<collective::MpiCollective> w;
+  DTRAIN_RETURN_IF_ERROR(collective::MpiCollective::Create(co, &w));
+  const int stage = w->rank() % pc.stages();
+  o.world = std::move(w);
+  if (world > pc.stages()) {
+    std::unique_ptr<collective::MpiCollective> group;
+    DTRAIN_RETURN_IF_ERROR(collective::MpiCollective::CreateSplit(co, stage, &group));
+    o.stage_group = std::move(group);
+  }
+  *out = std::make_unique<PipelineStrategy>(std::move(o));
+  return Status::OK();
 }
 
 // The async strategy: under mpirun, the worker ranks of an MPMD world whose
@@ -105,14 +138,11 @@ Status MakeAsyncStrategy(JobConfig* config, bool* mpmd, std::unique_ptr<Strategy
 
 Status RunJob(const JobConfig& job, const TrainerOptions& options, TrainResult* result) {
   JobConfig config = job;
-  if (config.parallelism().mode_case() == ParallelismConfig::kPipeline) {
-    return Status::FailedPrecondition(std::string("parallelism.") + ParallelismModeName(config) +
-                                      ": the " + ParallelismModeName(config) +
-                                      " strategy is not built yet (docs/status.md); use --set 'parallelism.sync={}'");
-  }
   std::unique_ptr<Strategy> strategy;
   bool mpmd = false;
-  if (config.parallelism().mode_case() == ParallelismConfig::kAsync) {
+  if (config.parallelism().mode_case() == ParallelismConfig::kPipeline) {
+    DTRAIN_RETURN_IF_ERROR(MakePipelineStrategy(&config, &strategy));
+  } else if (config.parallelism().mode_case() == ParallelismConfig::kAsync) {
     DTRAIN_RETURN_IF_ERROR(MakeAsyncStrategy(&config, &mpmd, &strategy));
   } else if (collective::MpiRuntime::LaunchedByMpirun()) {
     DTRAIN_RETURN_IF_ERROR(MakeSyncStrategy(&config, &strategy));

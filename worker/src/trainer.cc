@@ -204,9 +204,8 @@ Status Trainer::Impl::SaveCheckpoint(const TrainerState& state) {
   const torch::Tensor rng = at::detail::getDefaultCPUGenerator().get_state();
   s.set_torch_rng_state(std::string(static_cast<const char*>(rng.data_ptr()), rng.numel()));
   CheckpointData data;
-  DTRAIN_RETURN_IF_ERROR(strategy->PrepareCheckpoint().WithContext("checkpoint at step " + std::to_string(state.step())));
   DTRAIN_RETURN_IF_ERROR(Guard("checkpoint snapshot", [&] {
-    return CaptureCheckpoint(config, strategy->name(), strategy->world_size(), Objects(), s, &data);
+    return CaptureCheckpoint(config, strategy->name(), strategy->data_world_size(), Objects(), s, &data);
   }));
   ++checkpoints_saved;
   if (writer) {
@@ -245,8 +244,8 @@ Status Trainer::Create(const JobConfig& config, std::unique_ptr<Strategy> strate
     po.num_classes = impl->train.num_classes;
     po.p = config.data().pk_classes();
     po.k = config.data().pk_images();
-    po.world_size = s.world_size();
-    po.rank = s.rank();
+    po.world_size = s.data_world_size();
+    po.rank = s.data_rank();
     po.seed = config.seed();
     std::unique_ptr<data::PKSampler> pk;
     DTRAIN_RETURN_IF_ERROR(data::PKSampler::Create(std::move(po), &pk).WithContext("data.sampler PK"));
@@ -254,8 +253,8 @@ Status Trainer::Create(const JobConfig& config, std::unique_ptr<Strategy> strate
   } else {
     data::ShardedSampler::Options so;
     so.dataset_size = impl->train.size;
-    so.world_size = s.world_size();
-    so.rank = s.rank();
+    so.world_size = s.data_world_size();
+    so.rank = s.data_rank();
     so.local_batch = config.data().batch_size();
     so.seed = config.seed();
     std::unique_ptr<data::ShardedSampler> sharded;
@@ -318,12 +317,12 @@ Status Trainer::Create(const JobConfig& config, std::unique_ptr<Strategy> strate
       // Steps count global batches, whose size changes with the world size:
       // at another world size the step (and so the LR schedule) continues
       // from the same point of the data, epoch and position.
-      if (data.world_size != s.world_size() && per_epoch > 0) {
+      if (data.world_size != s.data_world_size() && per_epoch > 0) {
         const int64_t g = impl->sampler->global_batch();
         const int64_t rescaled = static_cast<int64_t>(impl->resume_state.sampler_epoch()) * per_epoch +
                                  (static_cast<int64_t>(impl->resume_state.sampler_position()) + g - 1) / g;
         spdlog::info("world size {} -> {}: step {} of the checkpoint is step {} at this world size", data.world_size,
-                     s.world_size(), impl->resume_state.step(), rescaled);
+                     s.data_world_size(), impl->resume_state.step(), rescaled);
         impl->resume_state.set_step(rescaled);
       }
       impl->resumed = true;
@@ -347,6 +346,8 @@ Status Trainer::Create(const JobConfig& config, std::unique_ptr<Strategy> strate
   context.schedule = impl->schedule;
   context.resumed = impl->resumed;
   context.start_step = impl->resumed ? impl->resume_state.step() : 0;
+  context.model = impl->model.get();
+  context.loss = impl->loss.get();
   impl->strategy->Attach(context);
   DTRAIN_RETURN_IF_ERROR(impl->strategy->Setup(impl->parameters, buffers));
 
@@ -386,7 +387,7 @@ Status Trainer::Run(TrainResult* result) {
 
   spdlog::info("training {}: {} {} + {}, {} step(s) = {} epoch(s) x {} step(s), batch {} x {} worker(s), {} thread(s)",
                cfg.name(), strategy.name(), cfg.model().name(), cfg.loss().name(), m.total_steps, epochs, per_epoch,
-               cfg.data().batch_size(), strategy.world_size(), torch::get_num_threads());
+               cfg.data().batch_size(), strategy.data_world_size(), torch::get_num_threads());
 
   m.model->train();
   m.loss->train();
@@ -417,6 +418,15 @@ Status Trainer::Run(TrainResult* result) {
     m.options.on_progress(progress);
   };
   report("training");
+  // Every rank prepares (a pipeline gathers its stages to the chief); the
+  // chief snapshots and saves.
+  auto checkpoint = [&](const TrainerState& st) -> Status {
+    report("checkpointing");
+    DTRAIN_RETURN_IF_ERROR(strategy.PrepareCheckpoint().WithContext("checkpoint at step " + std::to_string(st.step())));
+    if (strategy.is_chief()) DTRAIN_RETURN_IF_ERROR(m.SaveCheckpoint(st));
+    report("training");
+    return Status::OK();
+  };
   const auto run_start = Clock::now();
   auto interval_start = run_start;
 
@@ -457,9 +467,13 @@ Status Trainer::Run(TrainResult* result) {
         bool recompute = true;
         while (recompute) {
           m.optimizer->zero_grad();
-          torch::Tensor emb = m.model->forward(batch.images);
-          DTRAIN_RETURN_IF_ERROR(strategy.ComputeLoss(*m.loss, emb, batch.labels, &lo));
-          lo.loss.backward();
+          if (strategy.RunsForwardBackward()) {
+            DTRAIN_RETURN_IF_ERROR(strategy.ForwardBackward(batch.images, batch.labels, &lo));
+          } else {
+            torch::Tensor emb = m.model->forward(batch.images);
+            DTRAIN_RETURN_IF_ERROR(strategy.ComputeLoss(*m.loss, emb, batch.labels, &lo));
+            lo.loss.backward();
+          }
           DTRAIN_RETURN_IF_ERROR(strategy.FinishGradients());
           if (cfg.optimizer().grad_clip_norm() > 0) {
             torch::nn::utils::clip_grad_norm_(m.parameters, cfg.optimizer().grad_clip_norm());
@@ -498,7 +512,7 @@ Status Trainer::Run(TrainResult* result) {
       if (log_now) {
         const double secs = Seconds(interval_start, Clock::now());
         const double mean_loss = strategy.AverageAcrossWorkers(interval_loss / static_cast<double>(interval_steps));
-        const double ips = static_cast<double>(interval_images) * strategy.world_size() / std::max(secs, 1e-9);
+        const double ips = static_cast<double>(interval_images) * strategy.data_world_size() / std::max(secs, 1e-9);
         last_loss = mean_loss;
         progress.loss = mean_loss;
         progress.images_per_sec = static_cast<double>(interval_images) / std::max(secs, 1e-9);
@@ -532,10 +546,8 @@ Status Trainer::Run(TrainResult* result) {
       }
       progress.epoch = static_cast<double>(epoch) + static_cast<double>(epoch_step) / static_cast<double>(per_epoch);
       report("training");
-      if (ck.every_steps() > 0 && step % ck.every_steps() == 0 && step < m.total_steps && strategy.is_chief()) {
-        report("checkpointing");
-        DTRAIN_RETURN_IF_ERROR(m.SaveCheckpoint(state_at(batch.state_after.epoch, batch.state_after.position)));
-        report("training");
+      if (ck.every_steps() > 0 && step % ck.every_steps() == 0 && step < m.total_steps) {
+        DTRAIN_RETURN_IF_ERROR(checkpoint(state_at(batch.state_after.epoch, batch.state_after.position)));
       }
     }
     if (bar) bar->Finish();
@@ -546,11 +558,8 @@ Status Trainer::Run(TrainResult* result) {
       DTRAIN_RETURN_IF_ERROR(strategy.Finish());
       finished = true;
     }
-    if (epoch_done && strategy.is_chief() &&
-        (step == m.total_steps || (ck.every_epochs() > 0 && (epoch + 1) % ck.every_epochs() == 0))) {
-      report("checkpointing");
-      DTRAIN_RETURN_IF_ERROR(m.SaveCheckpoint(state_at(static_cast<uint64_t>(epoch + 1), 0)));
-      report("training");
+    if (epoch_done && (step == m.total_steps || (ck.every_epochs() > 0 && (epoch + 1) % ck.every_epochs() == 0))) {
+      DTRAIN_RETURN_IF_ERROR(checkpoint(state_at(static_cast<uint64_t>(epoch + 1), 0)));
     }
   }
   if (!finished) DTRAIN_RETURN_IF_ERROR(strategy.Finish());
@@ -565,7 +574,7 @@ Status Trainer::Run(TrainResult* result) {
   r.checkpoints_saved = m.checkpoints_saved;
   r.epochs_completed = step / per_epoch;
   r.train_seconds = Seconds(run_start, Clock::now());
-  r.images_per_sec = static_cast<double>(total_images) * strategy.world_size() / std::max(r.train_seconds, 1e-9);
+  r.images_per_sec = static_cast<double>(total_images) * strategy.data_world_size() / std::max(r.train_seconds, 1e-9);
   r.final_loss = last_loss;
   spdlog::info("trained {} step(s) in {:.1f} s: {:.0f} images/s, final loss {:.4f}", r.steps, r.train_seconds,
                r.images_per_sec, r.final_loss);

@@ -9,11 +9,15 @@
 //
 // Per training step the trainer calls, in this order, on every rank:
 //   0. BeginStep(): e.g. load parameters pulled ahead;
-//   1. takes this rank's batch from a sampler built with rank() / world_size();
+//   1. takes this rank's batch from a sampler built with data_rank() /
+//      data_world_size() (rank() / world_size() unless the ranks of a
+//      pipeline replica share their batch);
 //   2. forward, then ComputeLoss(): the default evaluates the loss on the local
 //      batch; a strategy may all-gather embeddings first (global mining);
 //   3. backward (a strategy may have registered gradient hooks in Setup() to
-//      start communication while backward runs);
+//      start communication while backward runs). A strategy that
+//      RunsForwardBackward() does 2 and 3 itself in ForwardBackward() (the
+//      pipeline: each rank holds only some layers);
 //   4. FinishGradients(): gradients are final after it returns (e.g. averaged
 //      across ranks);
 //   5. gradient clipping, if configured;
@@ -25,9 +29,10 @@
 //   7. AverageAcrossWorkers() for figures that are logged.
 // Setup() is called once, after the model and loss exist (and after a resume
 // restored them), before the first step; Finish() once after the last step,
-// before the final checkpoint. The chief calls PrepareCheckpoint() before it
-// snapshots a checkpoint: a strategy whose parameters live elsewhere brings
-// the model and the optimizer state up to date there.
+// before the final checkpoint. Every rank calls PrepareCheckpoint() before the
+// chief snapshots a checkpoint: a strategy whose parameters live elsewhere
+// brings the chief's model and optimizer state up to date (the other ranks
+// take part where that needs them, e.g. a pipeline's stages).
 //
 // Thread-safety: all calls come from the training thread.
 #pragma once
@@ -41,6 +46,7 @@
 #include "dtrain/common/metrics_log.h"
 #include "dtrain/common/status.h"
 #include "dtrain/job.pb.h"
+#include "dtrain/models/embedder.h"
 #include "dtrain/models/loss.h"
 
 namespace dtrain::worker {
@@ -57,6 +63,9 @@ struct TrainingContext {
   // The step training starts at (the checkpoint's on a resume, else 0).
   int64_t start_step = 0;
   bool resumed = false;
+  // The trainer's model and loss (a pipeline cuts the model into stages).
+  models::EmbedderImpl* model = nullptr;
+  models::LossModuleImpl* loss = nullptr;
 };
 
 class Strategy {
@@ -69,6 +78,9 @@ class Strategy {
   virtual int world_size() const = 0;
   // The rank that writes metrics, evaluation and checkpoints.
   bool is_chief() const { return rank() == 0; }
+  // Which share of the data this rank reads (step 1), and of how many.
+  virtual int data_rank() const { return rank(); }
+  virtual int data_world_size() const { return world_size(); }
 
   virtual void Attach(const TrainingContext& context) {}
   virtual Status Setup(const std::vector<torch::Tensor>& parameters, const std::vector<torch::Tensor>& buffers) {
@@ -77,6 +89,13 @@ class Strategy {
   virtual Status BeginStep() { return Status::OK(); }
   virtual Status ComputeLoss(models::LossModuleImpl& loss, const torch::Tensor& embeddings,
                              const torch::Tensor& labels, models::LossOutput* out);
+  // Steps 2 and 3 in one, for a strategy that RunsForwardBackward(): the
+  // gradients of the step are in the parameters afterwards, and *out holds
+  // the loss (its value; no graph) and the active fraction.
+  virtual bool RunsForwardBackward() const { return false; }
+  virtual Status ForwardBackward(const torch::Tensor& images, const torch::Tensor& labels, models::LossOutput* out) {
+    return Status::Internal(std::string(name()) + " does not run forward and backward itself");
+  }
   virtual Status FinishGradients() { return Status::OK(); }
   virtual Status ApplyUpdate(torch::optim::Optimizer& optimizer, bool* recompute);
   virtual Status PrepareCheckpoint() { return Status::OK(); }
