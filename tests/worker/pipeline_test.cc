@@ -214,5 +214,44 @@ TEST(PipelineExecutionTest, UnevenMicroBatchesGiveTheMeanGradientOfTheMiniBatch)
                    .ok());
 }
 
+// GPipe with a loss over the whole mini-batch (the triplet miner sees every
+// sample): the gradient equals the full batch's, which per-micro-batch
+// mining would not give (it finds fewer, different triplets).
+TEST(PipelineExecutionTest, WholeBatchTripletLossUnderGPipeEqualsTheFullBatch) {
+  torch::manual_seed(4);
+  models::Embedder model = SmallEmbedder();
+  model->eval();
+  LossConfig lc;
+  lc.set_name("triplet");
+  std::shared_ptr<models::LossModuleImpl> loss;
+  ASSERT_TRUE(models::BuildLoss(lc, 16, 10, &loss).ok());
+  const torch::Tensor x = torch::randn({12, 1, 28, 28});
+  const torch::Tensor y = torch::arange(12, torch::kInt64).floor_divide(4);  // 3 classes x 4
+  std::vector<torch::Tensor> params = model->parameters();
+  auto micro_loss = [&](const torch::Tensor& out, const torch::Tensor& labels) {
+    return loss->Compute(out, labels).loss;
+  };
+  loss->Compute(model->forward(x), y).loss.backward();
+  std::vector<torch::Tensor> reference;
+  for (auto& p : params) reference.push_back(p.grad().clone());
+
+  for (auto& p : params) p.mutable_grad() = torch::Tensor();
+  StageOptions o;
+  o.micro_batches = 3;
+  o.schedule = PipelineConfig::GPIPE;
+  o.whole_batch_loss = true;
+  StageExecutor exec(model->SliceLayers(0, static_cast<int64_t>(model->layers()->size())), nullptr, o);
+  StageStats stats;
+  ASSERT_TRUE(exec.RunMiniBatch(x, y, 12, micro_loss, &stats).ok());
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(params[i].grad(), reference[i], 1e-5, 1e-6)) << "parameter " << i;
+  }
+  EXPECT_EQ(stats.peak_in_flight, 3);
+  // 1F1B cannot: it backwards micro-batch 0 before the last is forwarded.
+  o.schedule = PipelineConfig::ONE_F_ONE_B;
+  StageExecutor refused(model->SliceLayers(0, static_cast<int64_t>(model->layers()->size())), nullptr, o);
+  EXPECT_THAT(refused.RunMiniBatch(x, y, 12, micro_loss, &stats).message(), HasSubstr("needs the GPIPE schedule"));
+}
+
 }  // namespace
 }  // namespace dtrain::worker::pipeline

@@ -344,6 +344,10 @@ Status StageExecutor::RunMiniBatch(const torch::Tensor& inputs, const torch::Ten
   const StageOptions& o = options_;
   const bool first = o.stage == 0;
   const bool last = o.stage == o.stages - 1;
+  if (o.whole_batch_loss && o.schedule != PipelineConfig::GPIPE) {
+    return Status::InvalidArgument("a loss over the whole mini-batch needs the GPIPE schedule (1F1B backwards "
+                                   "micro-batches before the last one is forwarded)");
+  }
   if (o.micro_batches < 1 || batch < o.micro_batches) {
     return Status::InvalidArgument("a mini-batch of " + std::to_string(batch) + " sample(s) cannot make " +
                                    std::to_string(o.micro_batches) + " micro-batch(es)");
@@ -374,6 +378,7 @@ Status StageExecutor::RunMiniBatch(const torch::Tensor& inputs, const torch::Ten
   StageStats st;
   double loss_sum = 0;
   int64_t alive_bytes = 0;
+  bool whole_batch_done = false;
 
   auto wait = [&](const std::shared_ptr<collective::Work>& w) -> Status {
     const auto t0 = Clock::now();
@@ -426,7 +431,9 @@ Status StageExecutor::RunMiniBatch(const torch::Tensor& inputs, const torch::Ten
         if (out.dim() > 2) deferred.SetSpatial(l, out.numel() / (out.size(0) * out.size(1)));
       }
       deferred.Collect(sizes[static_cast<size_t>(i)]);
-      if (last) {
+      if (last && o.whole_batch_loss) {
+        f.output = out;  // the loss comes at the first backward
+      } else if (last) {
         torch::Tensor l = loss(out, labels.narrow(0, offsets[static_cast<size_t>(i)], sizes[static_cast<size_t>(i)]));
         loss_sum += l.item<double>() * static_cast<double>(sizes[static_cast<size_t>(i)]);
         // Step 2, B(i): the mean over the mini-batch, whatever the split.
@@ -452,7 +459,18 @@ Status StageExecutor::RunMiniBatch(const torch::Tensor& inputs, const torch::Ten
       auto it = alive.find(i);
       if (it == alive.end()) return Status::Internal("backward of " + mb + " before its forward");
       InFlight& f = it->second;
-      if (last) {
+      if (last && o.whole_batch_loss) {
+        if (!whole_batch_done) {
+          // Every micro-batch is forwarded (GPipe): one loss over all of
+          // them, one backward into every micro-batch's graph.
+          std::vector<torch::Tensor> outs;
+          for (auto& [k, g] : alive) outs.push_back(g.output);
+          torch::Tensor l = loss(torch::cat(outs, 0), labels);
+          loss_sum = l.item<double>() * static_cast<double>(batch);
+          l.backward();
+          whole_batch_done = true;
+        }
+      } else if (last) {
         f.output.backward();
       } else {
         torch::Tensor grad = torch::empty_like(f.output);

@@ -56,8 +56,8 @@ Status CheckPipelineConfig(const JobConfig& config) {
         std::to_string(config.data().batch_size()) +
         " makes micro-batches of fewer than 2 samples; the embedding head's BatchNorm needs 2 per micro-batch");
   }
-  if (config.loss().name() == "triplet" && config.data().sampler() == DataConfig::PK &&
-      config.data().pk_classes() % pc.micro_batches() != 0) {
+  if (config.loss().name() == "triplet" && pc.schedule() == PipelineConfig::ONE_F_ONE_B &&
+      config.data().sampler() == DataConfig::PK && config.data().pk_classes() % pc.micro_batches() != 0) {
     return Status::FailedPrecondition("data.pk_classes " + std::to_string(config.data().pk_classes()) +
                                       " is not a multiple of parallelism.pipeline.micro_batches " +
                                       std::to_string(pc.micro_batches()) +
@@ -94,14 +94,12 @@ struct PipelineStrategy::Impl {
     if (replica != 0 || stages == 1) return Status::OK();
     collective::Collective& w = *o.world;
     const std::vector<std::string>& slots = SlotNames(ctx.optimizer_kind);
-    int tag = kGatherTagBase;
     std::vector<std::shared_ptr<collective::Work>> sends;
     std::vector<torch::Tensor> keep;
     for (int s = 1; s < stages; ++s) {
       const bool sending = stage == s, receiving = stage == 0;
-      if (!sending && !receiving) {
-        continue;
-      }
+      if (!sending && !receiving) continue;
+      int tag = kGatherTagBase;  // per sender: rank 0 receives from each in turn
       collective::OpOptions opt;
       opt.label = "gathering stage " + std::to_string(s) + " for the checkpoint";
       auto move = [&](torch::Tensor t) -> Status {
@@ -223,11 +221,15 @@ Status PipelineStrategy::Setup(const std::vector<torch::Tensor>& parameters, con
   so.next_rank = m.stage + 1 < m.stages ? m.o.world->rank() + 1 : -1;
   so.micro_batches = m.o.config.micro_batches();
   so.schedule = m.o.config.schedule();
+  // Triplet mining over the whole mini-batch where the schedule allows it
+  // (GPipe); per micro-batch under 1F1B.
+  so.whole_batch_loss = m.ctx.loss->name() == "triplet" && so.schedule == PipelineConfig::GPIPE;
   m.executor = std::make_unique<pipeline::StageExecutor>(
       m.ctx.model->SliceLayers(m.partition.begin(m.stage), m.partition.end(m.stage)), m.o.world.get(), so);
   if (m.o.world->rank() == 0) {
-    spdlog::info("pipeline: {} stage(s) x {} replica(s), {} micro-batches per mini-batch of {}, schedule {}",
-                 m.stages, m.replicas, so.micro_batches, m.o.batch, PipelineConfig::Schedule_Name(so.schedule));
+    spdlog::info("pipeline: {} stage(s) x {} replica(s), {} micro-batches per mini-batch of {}, schedule {}{}",
+                 m.stages, m.replicas, so.micro_batches, m.o.batch, PipelineConfig::Schedule_Name(so.schedule),
+                 so.whole_batch_loss ? ", loss over the whole mini-batch" : "");
   }
   return Status::OK();
 }

@@ -144,9 +144,15 @@ struct StageOptions {
   int next_rank = -1;
   int micro_batches = 1;
   PipelineConfig::Schedule schedule = PipelineConfig::ONE_F_ONE_B;
+  // GPipe only: the last stage computes the loss once, over the outputs of
+  // all micro-batches together (a triplet miner that needs the whole
+  // mini-batch), and backward from it reaches every micro-batch; the
+  // micro-batches' input gradients then go back one by one.
+  bool whole_batch_loss = false;
 };
 
-// The last stage's loss of one micro-batch: the mean over its samples.
+// The last stage's loss of one micro-batch (or, with whole_batch_loss, of
+// the whole mini-batch): the mean over its samples.
 using MicroBatchLoss = std::function<torch::Tensor(const torch::Tensor& output, const torch::Tensor& labels)>;
 
 struct StageStats {

@@ -33,9 +33,18 @@
 // checkpoint, so a pipeline checkpoint resumes in sync or async mode or at
 // another S, and a sync one as a pipeline (every rank loads it whole).
 //
+// Losses: ArcFace and CosFace per micro-batch (their mean over the
+// mini-batch is the same). Triplet: under GPipe the last stage mines over
+// the whole mini-batch (StageOptions::whole_batch_loss); under 1F1B each
+// micro-batch mines its own triplets, so with the PK sampler
+// data.pk_classes must be a multiple of the micro-batches (each micro-batch
+// then holds whole classes, K images of each).
+//
 // Refused (FailedPrecondition, naming the field): optimizer.grad_clip_norm
-// (it needs the norm over every stage), triplet mining over the global batch,
-// micro-batches of fewer than 2 samples (the embedding head's BatchNorm).
+// (it needs the norm over every stage), triplet mining over the global batch
+// of several workers (mining_scope GLOBAL), micro-batches of fewer than 2
+// samples (the embedding head's BatchNorm), a PK batch that 1F1B's
+// micro-batches would cut through a class.
 //
 // Thread-safety: all calls come from the training thread.
 #pragma once
