@@ -2,7 +2,7 @@
 # Runs the benchmarks named on the command line (default: all), each printing
 # its table and writing bench/results/<name>.json. Build first (launch/build.sh).
 #
-#   bench/run.sh [data_pipeline] [build_time] [allreduce] [scaling] [async_vs_sync] ...
+#   bench/run.sh [data_pipeline] [build_time] [allreduce] [scaling] [async_vs_sync] [pipeline] ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/results
@@ -20,6 +20,7 @@ for n in "${names[@]}"; do
         OMP_NUM_THREADS=1 bash launch/mpirun.sh -n "$np" -- build/bin/bench_allreduce --out "bench/results/allreduce_np$np.json"
       done
       ;;
+    pipeline) OMP_NUM_THREADS=1 bash launch/mpirun.sh -n 2 -- build/bin/bench_pipeline --out bench/results/pipeline.json --svg docs/pipeline_timeline.svg ;;
     trainer_overhead | checkpoint | index | paramserver) "build/bin/bench_$n" --out "bench/results/$n.json" ;;
     *)
       bin="build/bin/bench_$n"

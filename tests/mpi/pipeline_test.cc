@@ -147,5 +147,124 @@ INSTANTIATE_TEST_SUITE_P(Schedules, PipelineRanksTest,
                                   std::to_string(info.param.micro_batches);
                          });
 
+// Five SGD steps (momentum, weight decay): every stage's parameters equal
+// single-process training with the same micro-batches (gradient
+// accumulation, the same n_i / B scaling), within 1e-5 relative. That is
+// the configuration where equality holds: with M > 1 the BatchNorm of a
+// micro-batch normalises with its own statistics in both; against one
+// full-batch step it holds for M = 1 (M = 1 is among the cases).
+class PipelineStepsTest : public ::testing::TestWithParam<std::tuple<PipelineConfig::Schedule, int>> {};
+
+TEST_P(PipelineStepsTest, ParametersAfterFiveStepsEqualSingleProcessTraining) {
+  const auto [schedule, micro] = GetParam();
+  collective::MpiCollectiveOptions co;
+  co.timeout = std::chrono::seconds(60);
+  std::unique_ptr<collective::MpiCollective> comm;
+  ASSERT_TRUE(collective::MpiCollective::Create(co, &comm).ok());
+  const int stages = comm->size(), stage = comm->rank();
+  const int64_t batch = 16;
+  auto optimizer = [](Model& m) {
+    std::vector<torch::Tensor> p = m.net->parameters();
+    for (const auto& t : m.loss->parameters()) p.push_back(t);
+    return std::make_unique<torch::optim::SGD>(p, torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(5e-4));
+  };
+  Model ref = MakeModel(), m = MakeModel();
+  auto ref_opt = optimizer(ref), opt = optimizer(m);
+  PipelineConfig pc;
+  pc.set_stages(stages);
+  Partition part;
+  ASSERT_TRUE(PartitionModel(pc, m.net->layers(), torch::Tensor(), &part).ok());
+  StageOptions o;
+  o.stage = stage;
+  o.stages = stages;
+  o.prev_rank = stage - 1;
+  o.next_rank = stage + 1 < stages ? stage + 1 : -1;
+  o.micro_batches = micro;
+  o.schedule = schedule;
+  StageExecutor exec(m.net->SliceLayers(part.begin(stage), part.end(stage)), comm.get(), o);
+  for (int step = 0; step < 5; ++step) {
+    torch::manual_seed(100 + step);
+    const torch::Tensor x = torch::randn({batch, 1, 28, 28});
+    const torch::Tensor y = torch::randint(0, 10, {batch}, torch::kInt64);
+    ref_opt->zero_grad();
+    int64_t at = 0;
+    for (int64_t n : MicroBatchSizes(batch, micro)) {
+      torch::Tensor l = ref.loss->Compute(ref.net->forward(x.narrow(0, at, n)), y.narrow(0, at, n)).loss;
+      (l * (static_cast<double>(n) / static_cast<double>(batch))).backward();
+      at += n;
+    }
+    ref_opt->step();
+    opt->zero_grad();
+    StageStats stats;
+    const Status st = exec.RunMiniBatch(x, y, batch, [&](const torch::Tensor& e, const torch::Tensor& l) {
+      return m.loss->Compute(e, l).loss;
+    }, &stats);
+    ASSERT_TRUE(st.ok()) << st;
+    opt->step();  // only this stage's parameters have gradients
+  }
+  const auto ref_params = ref.net->named_parameters();
+  int compared = 0;
+  for (const auto& p : m.net->named_parameters()) {
+    const int layer = std::stoi(p.key().substr(7, p.key().find('.', 7) - 7));
+    if (layer < part.begin(stage) || layer >= part.end(stage)) continue;
+    const torch::Tensor& want = ref_params[p.key()];
+    const double rel = (p.value() - want).norm().item<double>() / std::max(want.norm().item<double>(), 1e-12);
+    EXPECT_LT(rel, 1e-5) << p.key() << " on stage " << stage;
+    ++compared;
+  }
+  EXPECT_GT(compared, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Schedules, PipelineStepsTest,
+    ::testing::Combine(::testing::Values(PipelineConfig::GPIPE, PipelineConfig::ONE_F_ONE_B), ::testing::Values(1, 4)),
+    [](const ::testing::TestParamInfo<std::tuple<PipelineConfig::Schedule, int>>& info) {
+      return std::string(std::get<0>(info.param) == PipelineConfig::GPIPE ? "GPipe" : "OneFOneB") + "_M" +
+             std::to_string(std::get<1>(info.param));
+    });
+
+// Stages that disagree on the mini-batch: the receiving stage names the
+// micro-batch and both sizes; the sender, its activation never taken, times
+// out naming it. Neither hangs.
+TEST(PipelineErrorsTest, MismatchedShapesGiveAClearErrorNotAHang) {
+  collective::MpiCollectiveOptions co;
+  co.timeout = std::chrono::seconds(3);
+  std::unique_ptr<collective::MpiCollective> comm;
+  ASSERT_TRUE(collective::MpiCollective::Create(co, &comm).ok());
+  const int stages = comm->size(), stage = comm->rank();
+  Model m = MakeModel();
+  PipelineConfig pc;
+  pc.set_stages(stages);
+  Partition part;
+  ASSERT_TRUE(PartitionModel(pc, m.net->layers(), torch::Tensor(), &part).ok());
+  StageOptions o;
+  o.stage = stage;
+  o.stages = stages;
+  o.prev_rank = stage - 1;
+  o.next_rank = stage + 1 < stages ? stage + 1 : -1;
+  o.micro_batches = 1;
+  o.schedule = PipelineConfig::GPIPE;
+  StageExecutor exec(m.net->SliceLayers(part.begin(stage), part.end(stage)), comm.get(), o);
+  // Stage 0 sends micro-batches of 8; every later stage expects 6.
+  const int64_t batch = stage == 0 ? 8 : 6;
+  const torch::Tensor x = torch::randn({batch, 1, 28, 28});
+  const torch::Tensor y = torch::randint(0, 10, {batch}, torch::kInt64);
+  StageStats stats;
+  const Status st = exec.RunMiniBatch(x, y, batch, [&](const torch::Tensor& e, const torch::Tensor& l) {
+    return m.loss->Compute(e, l).loss;
+  }, &stats);
+  ASSERT_FALSE(st.ok());
+  if (stage == 1) {
+    EXPECT_EQ(st.code(), Status::Code::kCorruption);
+    EXPECT_THAT(st.message(), ::testing::HasSubstr("stage 1: micro-batch 0 arrives with 8 samples, expected 6"));
+  } else if (stage == 0) {
+    // Its activation was never taken, or its gradient never came: either
+    // way the timeout names the micro-batch and the neighbour.
+    EXPECT_THAT(st.message(), ::testing::HasSubstr("micro-batch 0"));
+    EXPECT_THAT(st.message(), ::testing::HasSubstr("stage 1"));
+    EXPECT_THAT(st.message(), ::testing::HasSubstr("within 3.0 s"));
+  }
+}
+
 }  // namespace
 }  // namespace dtrain::worker::pipeline

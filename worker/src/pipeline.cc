@@ -192,6 +192,12 @@ Status BalanceByCost(const std::vector<double>& costs, int stages, std::vector<i
 
 std::vector<double> MeasureLayerMs(torch::nn::Sequential& layers, const torch::Tensor& sample, int repeats) {
   const size_t n = layers->size();
+  // The measuring forwards must leave no trace: BatchNorm running
+  // statistics and gradients are put back as they were.
+  std::vector<torch::Tensor> buffers = layers->buffers(), saved;
+  for (const auto& b : buffers) saved.push_back(b.clone());
+  std::vector<torch::Tensor> params = layers->parameters(), grads;
+  for (const auto& p : params) grads.push_back(p.grad().defined() ? p.grad().clone() : torch::Tensor());
   std::vector<torch::nn::AnyModule*> modules;
   for (auto& m : *layers) modules.push_back(&m);
   std::vector<std::vector<double>> runs(n);
@@ -207,9 +213,11 @@ std::vector<double> MeasureLayerMs(torch::nn::Sequential& layers, const torch::T
       x = out.detach();
     }
   }
-  for (auto& p : layers->parameters()) {
-    if (p.grad().defined()) p.mutable_grad().zero_();
+  {
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < buffers.size(); ++i) buffers[i].copy_(saved[i]);
   }
+  for (size_t i = 0; i < params.size(); ++i) params[i].mutable_grad() = grads[i];
   std::vector<double> ms(n);
   for (size_t i = 0; i < n; ++i) {
     std::sort(runs[i].begin(), runs[i].end());
@@ -393,9 +401,13 @@ Status StageExecutor::RunMiniBatch(const torch::Tensor& inputs, const torch::Ten
     sends.push_back(comm_->Send(t, dst, tag, opt));
   };
 
+  auto now = [] { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); };
   for (const Op& op : Schedule(o.schedule, o.stages, o.stage, o.micro_batches)) {
     const int i = op.micro_batch;
     const std::string mb = "micro-batch " + std::to_string(i);
+    TimedOp timed;
+    timed.forward = op.forward;
+    timed.micro_batch = i;
     if (op.forward) {
       const int64_t heap_before = HeapBytes();
       InFlight f;
@@ -425,6 +437,7 @@ Status StageExecutor::RunMiniBatch(const torch::Tensor& inputs, const torch::Ten
         DTRAIN_RETURN_IF_ERROR(wait(comm_->Recv(in, o.prev_rank, Tag(i, kActivationTag), opt)));
         f.input = in.requires_grad_(true);
       }
+      timed.start_s = now();
       torch::Tensor out = f.input;
       for (size_t l = 0; l < layers.size(); ++l) {
         out = layers[l]->forward(out);
@@ -450,6 +463,7 @@ Status StageExecutor::RunMiniBatch(const torch::Tensor& inputs, const torch::Ten
         send(out.detach(), o.next_rank, Tag(i, kActivationTag), "activation of " + mb + to);
         f.output = out;
       }
+      timed.end_s = now();
       f.heap_bytes = std::max<int64_t>(0, HeapBytes() - heap_before);
       alive_bytes += f.heap_bytes;
       alive[i] = std::move(f);
@@ -459,6 +473,7 @@ Status StageExecutor::RunMiniBatch(const torch::Tensor& inputs, const torch::Ten
       auto it = alive.find(i);
       if (it == alive.end()) return Status::Internal("backward of " + mb + " before its forward");
       InFlight& f = it->second;
+      timed.start_s = now();
       if (last && o.whole_batch_loss) {
         if (!whole_batch_done) {
           // Every micro-batch is forwarded (GPipe): one loss over all of
@@ -477,6 +492,7 @@ Status StageExecutor::RunMiniBatch(const torch::Tensor& inputs, const torch::Ten
         collective::OpOptions opt;
         opt.label = "gradient of " + mb + " from stage " + std::to_string(o.stage + 1);
         DTRAIN_RETURN_IF_ERROR(wait(comm_->Recv(grad, o.next_rank, Tag(i, kGradientTag), opt)));
+        timed.start_s = now();
         f.output.backward(grad);
       }
       if (!first) {
@@ -484,9 +500,11 @@ Status StageExecutor::RunMiniBatch(const torch::Tensor& inputs, const torch::Ten
         if (!g.defined()) g = torch::zeros_like(f.input);
         send(g.contiguous(), o.prev_rank, Tag(i, kGradientTag), "gradient of " + mb + " to stage " + std::to_string(o.stage - 1));
       }
+      timed.end_s = now();
       alive_bytes -= f.heap_bytes;
       alive.erase(it);
     }
+    st.timeline.push_back(timed);
   }
   for (const auto& w : sends) DTRAIN_RETURN_IF_ERROR(wait(w));
   deferred.Finish();

@@ -81,8 +81,8 @@ Status BalanceByCost(const std::vector<double>& costs, int stages, std::vector<i
 
 // Milliseconds of forward plus backward of each layer of `layers` on
 // `sample` (the median of `repeats` runs after one warm-up run), feeding
-// each layer the previous layer's output. The layers' gradients are zeroed
-// afterwards.
+// each layer the previous layer's output. The layers' BatchNorm running
+// statistics and gradients are as before afterwards.
 std::vector<double> MeasureLayerMs(torch::nn::Sequential& layers, const torch::Tensor& sample, int repeats);
 
 // Parameters (elements) of each layer of `layers`.
@@ -155,6 +155,16 @@ struct StageOptions {
 // the whole mini-batch): the mean over its samples.
 using MicroBatchLoss = std::function<torch::Tensor(const torch::Tensor& output, const torch::Tensor& labels)>;
 
+// One forward or backward of the schedule as it ran: the compute, from
+// after its input arrived to after its output was handed to the network
+// (seconds of the steady clock, comparable between processes on one machine).
+struct TimedOp {
+  bool forward = true;
+  int micro_batch = 0;
+  double start_s = 0;
+  double end_s = 0;
+};
+
 struct StageStats {
   // Mean loss over the mini-batch (last stage only).
   double loss = 0;
@@ -163,6 +173,8 @@ struct StageStats {
   int64_t peak_activation_bytes = 0;
   // Seconds waiting for neighbours (receives and the final send waits).
   double wait_s = 0;
+  // Every op of the schedule, in order (for timelines and idle fractions).
+  std::vector<TimedOp> timeline;
 };
 
 class StageExecutor {
