@@ -39,6 +39,27 @@ Model MakeModel() {
   return m;
 }
 
+// This rank's stage of a parameter-balanced cut of `m` over the ranks of `comm`.
+struct Staged {
+  Partition part;
+  StageOptions options;
+};
+Staged CutForThisRank(Model& m, const collective::Collective& comm, int micro_batches,
+                      PipelineConfig::Schedule schedule) {
+  Staged s;
+  PipelineConfig pc;
+  pc.set_stages(comm.size());
+  EXPECT_TRUE(PartitionModel(pc, m.net->layers(), torch::Tensor(), &s.part).ok());
+  StageOptions& o = s.options;
+  o.stage = comm.rank();
+  o.stages = comm.size();
+  o.prev_rank = o.stage - 1;
+  o.next_rank = o.stage + 1 < o.stages ? o.stage + 1 : -1;
+  o.micro_batches = micro_batches;
+  o.schedule = schedule;
+  return s;
+}
+
 struct Case {
   PipelineConfig::Schedule schedule;
   int64_t batch;
@@ -79,18 +100,9 @@ TEST_P(PipelineRanksTest, StagesEqualTheSameMicroBatchesThroughTheWholeModel) {
 
   // The pipeline: this rank holds stage `stage` of a parameter-balanced cut.
   Model m = MakeModel();
-  PipelineConfig pc;
-  pc.set_stages(stages);
-  Partition part;
-  ASSERT_TRUE(PartitionModel(pc, m.net->layers(), torch::Tensor(), &part).ok());
-  StageOptions o;
-  o.stage = stage;
-  o.stages = stages;
-  o.prev_rank = stage - 1;
-  o.next_rank = stage + 1 < stages ? stage + 1 : -1;
-  o.micro_batches = c.micro_batches;
-  o.schedule = c.schedule;
-  StageExecutor exec(m.net->SliceLayers(part.begin(stage), part.end(stage)), comm.get(), o);
+  const Staged cut = CutForThisRank(m, *comm, c.micro_batches, c.schedule);
+  const Partition& part = cut.part;
+  StageExecutor exec(m.net->SliceLayers(part.begin(stage), part.end(stage)), comm.get(), cut.options);
   StageStats stats;
   const Status st = exec.RunMiniBatch(stage == 0 ? x : torch::Tensor(), y, c.batch,
                                       [&](const torch::Tensor& out, const torch::Tensor& labels) {
@@ -161,7 +173,7 @@ TEST_P(PipelineStepsTest, ParametersAfterFiveStepsEqualSingleProcessTraining) {
   co.timeout = std::chrono::seconds(60);
   std::unique_ptr<collective::MpiCollective> comm;
   ASSERT_TRUE(collective::MpiCollective::Create(co, &comm).ok());
-  const int stages = comm->size(), stage = comm->rank();
+  const int stage = comm->rank();
   const int64_t batch = 16;
   auto optimizer = [](Model& m) {
     std::vector<torch::Tensor> p = m.net->parameters();
@@ -170,18 +182,9 @@ TEST_P(PipelineStepsTest, ParametersAfterFiveStepsEqualSingleProcessTraining) {
   };
   Model ref = MakeModel(), m = MakeModel();
   auto ref_opt = optimizer(ref), opt = optimizer(m);
-  PipelineConfig pc;
-  pc.set_stages(stages);
-  Partition part;
-  ASSERT_TRUE(PartitionModel(pc, m.net->layers(), torch::Tensor(), &part).ok());
-  StageOptions o;
-  o.stage = stage;
-  o.stages = stages;
-  o.prev_rank = stage - 1;
-  o.next_rank = stage + 1 < stages ? stage + 1 : -1;
-  o.micro_batches = micro;
-  o.schedule = schedule;
-  StageExecutor exec(m.net->SliceLayers(part.begin(stage), part.end(stage)), comm.get(), o);
+  const Staged cut = CutForThisRank(m, *comm, micro, schedule);
+  const Partition& part = cut.part;
+  StageExecutor exec(m.net->SliceLayers(part.begin(stage), part.end(stage)), comm.get(), cut.options);
   for (int step = 0; step < 5; ++step) {
     torch::manual_seed(100 + step);
     const torch::Tensor x = torch::randn({batch, 1, 28, 28});
@@ -231,20 +234,10 @@ TEST(PipelineErrorsTest, MismatchedShapesGiveAClearErrorNotAHang) {
   co.timeout = std::chrono::seconds(3);
   std::unique_ptr<collective::MpiCollective> comm;
   ASSERT_TRUE(collective::MpiCollective::Create(co, &comm).ok());
-  const int stages = comm->size(), stage = comm->rank();
+  const int stage = comm->rank();
   Model m = MakeModel();
-  PipelineConfig pc;
-  pc.set_stages(stages);
-  Partition part;
-  ASSERT_TRUE(PartitionModel(pc, m.net->layers(), torch::Tensor(), &part).ok());
-  StageOptions o;
-  o.stage = stage;
-  o.stages = stages;
-  o.prev_rank = stage - 1;
-  o.next_rank = stage + 1 < stages ? stage + 1 : -1;
-  o.micro_batches = 1;
-  o.schedule = PipelineConfig::GPIPE;
-  StageExecutor exec(m.net->SliceLayers(part.begin(stage), part.end(stage)), comm.get(), o);
+  const Staged cut = CutForThisRank(m, *comm, 1, PipelineConfig::GPIPE);
+  StageExecutor exec(m.net->SliceLayers(cut.part.begin(stage), cut.part.end(stage)), comm.get(), cut.options);
   // Stage 0 sends micro-batches of 8; every later stage expects 6.
   const int64_t batch = stage == 0 ? 8 : 6;
   const torch::Tensor x = torch::randn({batch, 1, 28, 28});

@@ -126,6 +126,14 @@ models::Embedder SmallEmbedder() {
   return model;
 }
 
+std::shared_ptr<models::LossModuleImpl> Loss(const char* name) {
+  LossConfig lc;
+  lc.set_name(name);
+  std::shared_ptr<models::LossModuleImpl> loss;
+  EXPECT_TRUE(models::BuildLoss(lc, 16, 10, &loss).ok());
+  return loss;
+}
+
 TEST(PipelinePartitionTest, EmbedderPartitionsExplicitMeasuredAndByParameters) {
   torch::manual_seed(1);
   models::Embedder model = SmallEmbedder();
@@ -178,10 +186,7 @@ TEST(PipelineExecutionTest, UnevenMicroBatchesGiveTheMeanGradientOfTheMiniBatch)
   torch::manual_seed(3);
   models::Embedder model = SmallEmbedder();
   model->eval();
-  LossConfig lc;
-  lc.set_name("arcface");
-  std::shared_ptr<models::LossModuleImpl> loss;
-  ASSERT_TRUE(models::BuildLoss(lc, 16, 10, &loss).ok());
+  std::shared_ptr<models::LossModuleImpl> loss = Loss("arcface");
   const torch::Tensor x = torch::randn({10, 1, 28, 28});
   const torch::Tensor y = torch::randint(0, 10, {10}, torch::kInt64);
   std::vector<torch::Tensor> params = model->parameters();
@@ -224,10 +229,7 @@ TEST(PipelineExecutionTest, WholeBatchTripletLossUnderGPipeEqualsTheFullBatch) {
   torch::manual_seed(4);
   models::Embedder model = SmallEmbedder();
   model->eval();
-  LossConfig lc;
-  lc.set_name("triplet");
-  std::shared_ptr<models::LossModuleImpl> loss;
-  ASSERT_TRUE(models::BuildLoss(lc, 16, 10, &loss).ok());
+  std::shared_ptr<models::LossModuleImpl> loss = Loss("triplet");
   const torch::Tensor x = torch::randn({12, 1, 28, 28});
   const torch::Tensor y = torch::arange(12, torch::kInt64).floor_divide(4);  // 3 classes x 4
   std::vector<torch::Tensor> params = model->parameters();

@@ -1,11 +1,7 @@
-// Pipelined model parallelism, the engine (issue "Pipelined model
-// parallelism"): cutting a model's ordered layers into stages, the GPipe and
-// 1F1B schedules, and one pipelined mini-batch on one stage.
-//
-// Not yet here (docs/status.md): the trainer's pipeline strategy (data
-// loading per stage, the optimizer step, checkpoints gathered from the
-// stages), data x pipeline parallelism, and the triplet loss's mini-batch
-// miner under GPipe.
+// Pipelined model parallelism, the engine (docs/pipeline.md): cutting a
+// model's ordered layers into stages, the GPipe and 1F1B schedules, and one
+// pipelined mini-batch on one stage. The trainer drives it through the
+// pipeline strategy (pipeline_strategy.h: stages x replicas, checkpoints).
 //
 // One pipelined mini-batch on stage s of S (StageExecutor::RunMiniBatch):
 //   1. The mini-batch of B samples splits into M micro-batches of
