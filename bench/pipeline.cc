@@ -41,12 +41,15 @@ struct Model {
   std::shared_ptr<models::LossModuleImpl> loss;
 };
 
+int g_blocks = 1;
+
 Model MakeModel() {
   torch::manual_seed(1);
   ModelConfig mc;
   mc.set_name("resnet_embedder");
   mc.set_embedding_dim(128);
   for (int w : {32, 64, 128}) mc.add_widths(w);
+  mc.set_blocks_per_stage(g_blocks);
   Model m;
   Check(models::BuildEmbedder(mc, &m.net), "embedder");
   LossConfig lc;
@@ -102,6 +105,9 @@ int main(int argc, char** argv) {
   app.add_option("--batch", batch, "mini-batch")->capture_default_str();
   app.add_option("--steps", steps, "timed mini-batches per configuration (after one warm-up)")->capture_default_str();
   app.add_option("--out", out, "JSON output")->capture_default_str();
+  app.add_option("--blocks", g_blocks,
+                 "residual blocks per width (model.blocks_per_stage): more, finer layers let the partition balance")
+      ->capture_default_str();
   app.add_option("--svg", svg, "write the measured timeline of GPipe and 1F1B (M = 4) to this SVG file");
   CLI11_PARSE(app, argc, argv);
   Check(collective::MpiRuntime::Init(), "MPI");
@@ -145,9 +151,9 @@ int main(int argc, char** argv) {
       return m.loss->Compute(e, l).loss;
     }, &st), "reference");
     ref_bytes = st.peak_activation_bytes;
-    std::printf("pipeline benchmark: embedder 32-64-128 + ArcFace, mini-batch %lld, %d stage(s) on %d rank(s), "
-                "1 thread each\n\n",
-                static_cast<long long>(batch), stages, stages);
+    std::printf("pipeline benchmark: embedder 32-64-128 (%d block(s) per width) + ArcFace, mini-batch %lld, "
+                "%d stage(s) on %d rank(s), 1 thread each\n\n",
+                g_blocks, static_cast<long long>(batch), stages, stages);
     std::printf("one process, whole model: %.0f images/s with 1 thread, %.0f with 2 threads; activations %.1f MB\n\n",
                 ref_ips, ref2_ips, ref_bytes / 1e6);
   }
@@ -250,6 +256,7 @@ int main(int argc, char** argv) {
   if (stage == 0) {
     nlohmann::json j = {{"bench", "pipeline"},
                         {"batch", batch},
+                        {"blocks_per_width", g_blocks},
                         {"steps", steps},
                         {"stages", stages},
                         {"threads_per_rank", 1},

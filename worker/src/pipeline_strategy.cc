@@ -79,6 +79,10 @@ struct PipelineStrategy::Impl {
   std::vector<std::vector<torch::Tensor>> stage_buffers;
   pipeline::StageStats last;
   double wait_ms = 0, reduce_ms = 0;
+  // The stage-group reductions of this step, started after the last
+  // backward (ForwardBackward), waited for in FinishGradients.
+  std::vector<std::shared_ptr<collective::Work>> reductions;
+  Status StartStageReduction();
 
   int StageOf(const std::string& name) const {
     if (name.rfind("loss/", 0) == 0) return stages - 1;
@@ -247,6 +251,9 @@ Status PipelineStrategy::ForwardBackward(const torch::Tensor& images, const torc
     return lo.loss;
   };
   DTRAIN_RETURN_IF_ERROR(m.executor->RunMiniBatch(images, labels, images.size(0), micro_loss, &m.last));
+  // This stage's last backward is done: its data-parallel reduction starts
+  // now, beside the loss reduction (FinishGradients waits for it).
+  DTRAIN_RETURN_IF_ERROR(m.StartStageReduction());
   // The replicas' mean loss, on every rank (only last stages contribute).
   const auto t0 = Clock::now();
   torch::Tensor figures = torch::zeros({2}, torch::kFloat64);
@@ -265,10 +272,18 @@ Status PipelineStrategy::ForwardBackward(const torch::Tensor& images, const torc
 
 Status PipelineStrategy::FinishGradients() {
   Impl& m = *impl_;
-  m.reduce_ms = 0;
-  if (!m.o.stage_group) return Status::OK();
   const auto t0 = Clock::now();
-  std::vector<std::shared_ptr<collective::Work>> works;
+  const Status st = collective::WaitAll(m.reductions);
+  m.reductions.clear();
+  m.reduce_ms = m.o.stage_group ? 1e3 * std::chrono::duration<double>(Clock::now() - t0).count() : 0.0;
+  return st;
+}
+
+Status PipelineStrategy::Impl::StartStageReduction() {
+  reductions.clear();
+  if (!o.stage_group) return Status::OK();
+  std::vector<std::shared_ptr<collective::Work>>& works = reductions;
+  Impl& m = *this;
   for (size_t i : m.stage_params[static_cast<size_t>(m.stage)]) {
     torch::Tensor& p = m.params[i];
     if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
@@ -284,8 +299,6 @@ Status PipelineStrategy::FinishGradients() {
     opt.label = "stage " + std::to_string(m.stage) + " BatchNorm statistics";
     works.push_back(m.o.stage_group->AllReduce(b, collective::ReduceOp::kAverage, opt));
   }
-  DTRAIN_RETURN_IF_ERROR(collective::WaitAll(works));
-  m.reduce_ms = 1e3 * std::chrono::duration<double>(Clock::now() - t0).count();
   return Status::OK();
 }
 

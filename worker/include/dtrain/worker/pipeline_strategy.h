@@ -12,11 +12,13 @@
 //      (StageExecutor::RunMiniBatch, with the schedule of
 //      parallelism.pipeline); then one all-reduce over all ranks gives every
 //      rank the mean loss of the D replicas (the last stages know it).
-//   3. FinishGradients(): with D > 1, each stage's gradients are averaged
-//      within its data-parallel group (the D ranks holding that stage; a
-//      sub-communicator split by stage), once its last backward is done,
-//      and so are its BatchNorm running statistics (as the sync strategy
-//      averages them), so the replicas stay identical.
+//   3. With D > 1, each stage's gradients are averaged within its
+//      data-parallel group (the D ranks holding that stage; a
+//      sub-communicator split by stage), and so are its BatchNorm running
+//      statistics (as the sync strategy averages them), so the replicas stay
+//      identical. The reduction starts as soon as the stage's last backward
+//      is done (in ForwardBackward, before the loss reduction);
+//      FinishGradients() waits for it.
 //   4. The trainer's optimizer steps every parameter that has a gradient:
 //      exactly this stage's (the others keep none).
 //
