@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # dtrain run (embedded coordinator, 2 sync workers under mpirun) recovers
 # from a worker killed with SIGKILL and from a hung one (SIGSTOP: alive but
-# silent, caught by the heartbeat timeout): each time it stops what is left
+# silent, caught by the heartbeat timeout; before that, the job is reported
+# stalled, since its other worker heartbeats without progress): each time it stops what is left
 # of the job, restarts it from the newest checkpoint, and the job completes
 # with the Precision@1 of an uninterrupted run (within 0.01), its checkpoints
 # intact and no process left behind.
@@ -12,7 +13,8 @@ shift 3
 rm -rf "$WORK"
 mkdir -p "$WORK"
 REF=$WORK/reference RUN=$WORK/recovered
-common=(--set launch.workers=2 --set launch.heartbeat_interval_s=0.5 --set launch.heartbeat_timeout_s=4
+common=(--set launch.workers=2 --set launch.heartbeat_interval_s=0.5 --set launch.heartbeat_timeout_s=6
+        --set launch.stall_timeout_s=2
         --set launch.restart_backoff_s=0.5 --no-progress "$@")
 fail() { echo "coordinator_recovery: $*" >&2; cat "$WORK/run.log" >&2 2>/dev/null; exit 1; }
 
@@ -55,6 +57,7 @@ grep -q "restart 1 of 3" "$WORK/run.log" || fail "no first restart"
 grep -Eq "exited on signal 9|killed by signal 9|was killed" "$WORK/run.log" || fail "the SIGKILL is not named"
 grep -q "restart 2 of 3" "$WORK/run.log" || fail "no second restart"
 grep -q "sent no heartbeat for" "$WORK/run.log" || fail "the hang was not caught by the heartbeat timeout"
+grep -q "stalled: no progress for [0-9]* s at step" "$WORK/run.log" || fail "the hang was not reported as a stall first"
 grep -q "resuming quickstart from checkpoint" "$WORK/run.log" || fail "the restarts did not resume from a checkpoint"
 grep -q "completed after 2 restart(s)" "$WORK/run.log" || fail "the job did not complete after 2 restarts"
 
