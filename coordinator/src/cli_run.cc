@@ -100,32 +100,20 @@ bool Training(const JobRecord& job) {
 
 // The global figures of a job for the progress line.
 void UpdateBar(const JobRecord& job, ProgressBar* bar) {
-  int64_t step = 0, total = 0;
-  double ips = 0, loss = 0;
-  int alive = 0, expected = 0;
-  for (const ProcessInfo& p : job.processes()) {
-    if (p.role() == LAUNCHER) continue;
-    ++expected;
-    if (p.has_registered_ms() && !p.exited()) ++alive;
-    if (p.role() != WORKER) continue;
-    step = std::max<int64_t>(step, p.progress().step());
-    total = std::max<int64_t>(total, p.progress().total_steps());
-    ips += p.progress().images_per_sec();
-    if (p.rank() == 0) loss = p.progress().loss();
-  }
+  const coordinator::JobFigures f = coordinator::Summarize(job);
   char buf[64];
   ProgressBar::Fields fields = {{"state", coordinator::StateName(job.state())},
-                                {"processes", std::to_string(alive) + "/" + std::to_string(expected)}};
+                                {"processes", std::to_string(f.alive) + "/" + std::to_string(f.expected)}};
   // Known after the first logged interval (training.log_every_steps).
-  if (ips > 0) {
-    std::snprintf(buf, sizeof buf, "%.0f", ips);
+  if (f.images_per_sec > 0) {
+    std::snprintf(buf, sizeof buf, "%.0f", f.images_per_sec);
     fields.emplace_back("img/s", buf);
-    std::snprintf(buf, sizeof buf, "%.4f", loss);
+    std::snprintf(buf, sizeof buf, "%.4f", f.loss);
     fields.emplace_back("loss", buf);
   }
   if (job.restarts() > 0) fields.emplace_back("restarts", std::to_string(job.restarts()));
-  bar->SetTotal(total);
-  bar->Update(step, fields);
+  bar->SetTotal(f.total_steps);
+  bar->Update(std::max<int64_t>(f.step, 0), fields);
 }
 
 // Ctrl-C and SIGTERM stop the job (every process of it) rather than leave

@@ -44,12 +44,6 @@ std::string HostName() {
   return host;
 }
 
-std::string SelfDir() {
-  std::error_code ec;
-  const auto exe = fs::read_symlink("/proc/self/exe", ec);
-  return ec ? std::string(".") : exe.parent_path().string();
-}
-
 std::string RoleName(ProcessRole role) {
   switch (role) {
     case WORKER: return "worker";
@@ -345,7 +339,7 @@ Coordinator::Coordinator(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Status Coordinator::Start(CoordinatorOptions options, std::unique_ptr<Coordinator>* coordinator) {
   if (options.token.empty()) return Status::InvalidArgument("the coordinator needs a token");
   if (options.state_dir.empty()) return Status::InvalidArgument("the coordinator needs a state directory");
-  if (options.bin_dir.empty()) options.bin_dir = SelfDir();
+  if (options.bin_dir.empty()) options.bin_dir = ProgramDir();
   auto impl = std::make_unique<Impl>();
   impl->options = std::move(options);
   DTRAIN_RETURN_IF_ERROR(JobTable::Open(impl->options.state_dir + "/db", &impl->table));
@@ -799,8 +793,7 @@ Status Coordinator::Impl::Attempt(JobRuntime* job, bool* retryable, bool* stoppe
     if (!failure.empty()) {
       // Unlock before stopping: the processes' last calls need the lock.
       mu.unlock();
-      Status why = Status::Aborted(failure);
-      fail(why, can_retry);
+      const Status why = fail(Status::Aborted(failure), can_retry);
       mu.lock();
       return why;
     }
@@ -911,31 +904,35 @@ void Coordinator::Impl::Recover() {
 
 // ---- presentation ------------------------------------------------------------------
 
-std::string DescribeJob(const JobRecord& job) {
-  std::string s = StateName(job.state());
-  int64_t step = -1, total = 0;
-  double ips = 0, loss = 0;
-  int alive = 0, expected = 0;
-  bool has_loss = false;
+JobFigures Summarize(const JobRecord& job) {
+  JobFigures f;
   for (const ProcessInfo& p : job.processes()) {
     if (p.role() == LAUNCHER) continue;
-    ++expected;
-    if (p.has_registered_ms() && !p.exited()) ++alive;
+    ++f.expected;
+    if (p.has_registered_ms() && !p.exited()) ++f.alive;
     if (p.role() != WORKER) continue;
-    if (p.progress().has_step()) step = std::max<int64_t>(step, p.progress().step());
-    total = std::max<int64_t>(total, p.progress().total_steps());
-    ips += p.progress().images_per_sec();
+    if (p.progress().has_step()) f.step = std::max<int64_t>(f.step, p.progress().step());
+    f.total_steps = std::max<int64_t>(f.total_steps, p.progress().total_steps());
+    f.images_per_sec += p.progress().images_per_sec();
     if (p.rank() == 0 && p.progress().has_loss()) {
-      loss = p.progress().loss();
-      has_loss = true;
+      f.loss = p.progress().loss();
+      f.has_loss = true;
     }
   }
-  if (step >= 0) s += ", step " + std::to_string(step) + (total > 0 ? "/" + std::to_string(total) : "");
-  if (!IsFinal(job.state()) && expected > 0) {
-    s += ", " + std::to_string(alive) + "/" + std::to_string(expected) + " processes";
+  return f;
+}
+
+std::string DescribeJob(const JobRecord& job) {
+  std::string s = StateName(job.state());
+  const JobFigures f = Summarize(job);
+  if (f.step >= 0) {
+    s += ", step " + std::to_string(f.step) + (f.total_steps > 0 ? "/" + std::to_string(f.total_steps) : "");
   }
-  if (!IsFinal(job.state()) && ips > 0) s += ", " + Fixed(ips, 0) + " img/s";
-  if (has_loss) s += ", loss " + Fixed(loss, 4);
+  if (!IsFinal(job.state()) && f.expected > 0) {
+    s += ", " + std::to_string(f.alive) + "/" + std::to_string(f.expected) + " processes";
+  }
+  if (!IsFinal(job.state()) && f.images_per_sec > 0) s += ", " + Fixed(f.images_per_sec, 0) + " img/s";
+  if (f.has_loss) s += ", loss " + Fixed(f.loss, 4);
   if (job.restarts() > 0) s += ", " + std::to_string(job.restarts()) + " restart(s)";
   return s;
 }

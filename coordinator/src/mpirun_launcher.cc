@@ -7,12 +7,6 @@
 namespace dtrain::coordinator {
 namespace {
 
-std::string SelfDir() {
-  std::error_code ec;
-  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
-  return ec ? std::string(".") : exe.parent_path().string();
-}
-
 std::string Quote(const std::string& s) {
   if (s.find_first_of(" \t'\"$\\") == std::string::npos) return s;
   std::string q = "'";
@@ -23,7 +17,7 @@ std::string Quote(const std::string& s) {
 }  // namespace
 
 Status BuildMpirunCommand(const JobConfig& config, const MpirunRequest& request, std::vector<std::string>* argv) {
-  const std::string worker = request.worker_binary.empty() ? SelfDir() + "/dtrain-worker" : request.worker_binary;
+  const std::string worker = request.worker_binary.empty() ? ProgramDir() + "/dtrain-worker" : request.worker_binary;
   const std::string script =
       request.mpirun_script.empty() ? std::string(DTRAIN_SOURCE_DIR) + "/launch/mpirun.sh" : request.mpirun_script;
   if (access(worker.c_str(), X_OK) != 0) {
@@ -43,7 +37,7 @@ Status BuildMpirunCommand(const JobConfig& config, const MpirunRequest& request,
   if (l.oversubscribe()) a.push_back("--oversubscribe");
   if (config.parallelism().mode_case() == ParallelismConfig::kAsync) {
     // The shards: the first program of an MPMD line (paramserver/mpmd.h).
-    const std::string ps = request.ps_binary.empty() ? SelfDir() + "/dtrain-ps" : request.ps_binary;
+    const std::string ps = request.ps_binary.empty() ? ProgramDir() + "/dtrain-ps" : request.ps_binary;
     if (access(ps.c_str(), X_OK) != 0) {
       return Status::NotFound("the parameter-server program " + ps + " is missing or not executable (build dtrain-ps)");
     }
@@ -57,6 +51,12 @@ Status BuildMpirunCommand(const JobConfig& config, const MpirunRequest& request,
   if (request.force) a.push_back("--force");
   *argv = std::move(a);
   return Status::OK();
+}
+
+std::string ProgramDir() {
+  std::error_code ec;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  return ec ? std::string(".") : exe.parent_path().string();
 }
 
 std::string CommandLine(const std::vector<std::string>& argv) {

@@ -108,7 +108,7 @@ struct PipelineStrategy::Impl {
       opt.label = "gathering stage " + std::to_string(s) + " for the checkpoint";
       auto move = [&](torch::Tensor t) -> Status {
         if (sending) {
-          keep.push_back(t.detach().contiguous().clone());
+          keep.push_back(t.detach().contiguous());  // untouched until WaitAll below
           sends.push_back(w.Send(keep.back(), 0, tag++, opt));
           return Status::OK();
         }

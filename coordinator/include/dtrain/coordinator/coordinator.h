@@ -128,6 +128,18 @@ class Coordinator {
   std::unique_ptr<Impl> impl_;
 };
 
+// The whole job's figures from its processes' latest reports.
+struct JobFigures {
+  int64_t step = -1;  // the furthest worker's; -1 before any report
+  int64_t total_steps = 0;
+  double images_per_sec = 0;  // summed over the workers
+  double loss = 0;            // the chief's (worker 0)
+  bool has_loss = false;
+  int alive = 0;     // registered and not exited
+  int expected = 0;  // workers and shards
+};
+JobFigures Summarize(const JobRecord& job);
+
 // The one-line state of a job for tables and logs:
 // "running, step 120/400, 2/2 processes, 1843 img/s, loss 0.4210".
 std::string DescribeJob(const JobRecord& job);

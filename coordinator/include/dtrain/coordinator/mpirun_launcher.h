@@ -37,6 +37,10 @@ struct MpirunRequest {
 // InvalidArgument / NotFound when a program or the hostfile is missing.
 Status BuildMpirunCommand(const JobConfig& config, const MpirunRequest& request, std::vector<std::string>* argv);
 
+// The directory of this program (where dtrain-worker and dtrain-ps are built
+// beside it); "." when /proc/self/exe cannot be read.
+std::string ProgramDir();
+
 // `argv` as one shell-quoted line, for logs.
 std::string CommandLine(const std::vector<std::string>& argv);
 
