@@ -2,7 +2,7 @@
 # Runs the benchmarks named on the command line (default: all), each printing
 # its table and writing bench/results/<name>.json. Build first (launch/build.sh).
 #
-#   bench/run.sh [data_pipeline] [build_time] [allreduce] [scaling] [async_vs_sync] [pipeline] ...
+#   bench/run.sh [data_pipeline] [build_time] [allreduce] [scaling] [async_vs_sync] [pipeline] [snaps] ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/results
@@ -22,6 +22,12 @@ for n in "${names[@]}"; do
       ;;
     pipeline) OMP_NUM_THREADS=1 bash launch/mpirun.sh -n 2 -- build/bin/bench_pipeline --out bench/results/pipeline.json --svg docs/pipeline_timeline.svg ;;
     trainer_overhead | checkpoint | index | paramserver) "build/bin/bench_$n" --out "bench/results/$n.json" ;;
+    snaps)
+      # Needs a trained detector and embedder: the runs of
+      # configs/detector_snaps.textproto and configs/quickstart.textproto.
+      build/bin/bench_snaps --detector "${DETECTOR_RUN:-runs/detector_snaps}" --embedder "${EMBEDDER_RUN:-runs/quickstart}" \
+        --snaps 1000 --queries 2000 --out bench/results/snaps.json
+      ;;
     *)
       bin="build/bin/bench_$n"
       [[ -x "$bin" ]] || { echo "no $bin: run launch/build.sh first" >&2; exit 1; }

@@ -228,6 +228,36 @@ class Validator {
     }
     InRange("model.blocks_per_stage", m.blocks_per_stage(), 1, 16);
     if (!(m.dropout() >= 0 && m.dropout() < 1)) Fail("model.dropout", "must be in [0, 1), got " + Str(m.dropout()));
+    // Unknown names are the model registry's to report (models/registry.h).
+    const bool detector = m.name() == "centernet_detector";
+    const DetectorConfig& d = m.detector();
+    if (d.widths_size() != 0 && (d.widths_size() < 2 || d.widths_size() > 6)) {
+      Fail("model.detector.widths", "needs 2 to 6 widths, got " + Str(d.widths_size()));
+    }
+    for (int i = 0; i < d.widths_size(); ++i) InRange("model.detector.widths[" + Str(i) + "]", d.widths(i), 1, 1024);
+    InRange("model.detector.head_width", d.head_width(), 1, 1024);
+    InRange("model.detector.max_detections", d.max_detections(), 1, 1000);
+    InRange("model.detector.score_threshold", d.score_threshold(), 0.0f, 1.0f);
+    AtLeast("model.detector.size_weight", d.size_weight(), 0.0f);
+    AtLeast("model.detector.offset_weight", d.offset_weight(), 0.0f);
+    for (int i = 0; i < d.categories_size(); ++i) {
+      if (d.categories(i).empty()) Fail("model.detector.categories[" + Str(i) + "]", "must not be empty");
+      for (int j = 0; j < i; ++j) {
+        if (d.categories(j) == d.categories(i)) {
+          Fail("model.detector.categories[" + Str(i) + "]", "repeats '" + d.categories(i) + "'");
+        }
+      }
+    }
+    const bool snaps = c_.data().dataset() == "fashion_mnist_snaps";
+    if (detector && !snaps) {
+      Fail("data.dataset", "the detector trains on street snaps: set dataset: \"fashion_mnist_snaps\", got '" +
+                               c_.data().dataset() + "'");
+    }
+    if (!detector && snaps) Fail("model.name", "dataset fashion_mnist_snaps trains the detector: set name: \"centernet_detector\"");
+    if (detector && c_.parallelism().mode_case() != ParallelismConfig::kSync) {
+      Fail("parallelism", std::string("the detector trains with parallelism.sync (one worker or all-reduce), got ") +
+                              ParallelismModeName(c_));
+    }
   }
 
   void Margin(const std::string& path, const MarginConfig& mc, float max_margin) {
@@ -252,7 +282,19 @@ class Validator {
 
   void Data() {
     const DataConfig& d = c_.data();
-    if (d.dataset() != "fashion_mnist") Fail("data.dataset", "unknown dataset '" + d.dataset() + "' (known: fashion_mnist)");
+    if (d.dataset() != "fashion_mnist" && d.dataset() != "fashion_mnist_snaps") {
+      Fail("data.dataset", "unknown dataset '" + d.dataset() + "' (known: fashion_mnist, fashion_mnist_snaps)");
+    }
+    const SnapConfig& sn = d.snaps();
+    InRange("data.snaps.canvas", sn.canvas(), 32, 1024);
+    if (sn.canvas() % 4 != 0) Fail("data.snaps.canvas", "must be a multiple of 4 (the detector's stride), got " + Str(sn.canvas()));
+    InRange("data.snaps.min_items", sn.min_items(), 1, 64);
+    InRange("data.snaps.max_items", sn.max_items(), sn.min_items(), 64);
+    Greater("data.snaps.min_scale", sn.min_scale(), 0.0f);
+    InRange("data.snaps.max_scale", sn.max_scale(), sn.min_scale(), static_cast<float>(sn.canvas()) / 28.0f);
+    InRange("data.snaps.max_overlap", sn.max_overlap(), 0.0f, 1.0f);
+    AtLeast("data.snaps.train_count", sn.train_count(), int64_t{1});
+    AtLeast("data.snaps.eval_count", sn.eval_count(), int64_t{1});
     if (d.dir().empty()) Fail("data.dir", "must name the dataset directory");
     InRange("data.batch_size", d.batch_size(), 1, 1 << 20);
     if (d.sampler() == DataConfig::PK) {

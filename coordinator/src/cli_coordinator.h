@@ -1,8 +1,9 @@
-// What the `dtrain` commands that talk to a dtrain-coordinator share
-// (private to the command line).
+// What the `dtrain` commands share (private to the command line): running a
+// command's body as its callback, and talking to a dtrain-coordinator.
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <cstdio>
 #include <memory>
 #include <string>
 #include <vector>
@@ -11,6 +12,19 @@
 #include "dtrain/coordinator/client.h"
 
 namespace dtrain::cli {
+
+// Runs fn() (returning Status) when `cmd` is chosen; a failure is printed as
+// "<label>: <status>" on stderr and sets *exit_code to 1.
+template <typename Fn>
+void OnRun(CLI::App* cmd, const std::string& label, int* exit_code, Fn fn) {
+  cmd->callback([label, exit_code, fn] {
+    Status st = fn();
+    if (!st.ok()) {
+      std::fprintf(stderr, "%s: %s\n", label.c_str(), st.ToString().c_str());
+      *exit_code = 1;
+    }
+  });
+}
 
 struct CoordinatorArgs {
   std::string address;

@@ -13,6 +13,7 @@
 
 #include <google/protobuf/text_format.h>
 
+#include "cli_coordinator.h"
 #include "dtrain/common/config.h"
 #include "dtrain/common/metrics_log.h"
 #include "dtrain/common/rpc.h"
@@ -292,17 +293,6 @@ Status Info(const std::string& dir) {
   google::protobuf::TextFormat::PrintToString(m, &text);
   std::printf("%s\n\n%s", indexer::DescribeManifest(m).c_str(), text.c_str());
   return Status::OK();
-}
-
-template <typename Fn>
-void OnRun(CLI::App* cmd, const std::string& label, int* exit_code, Fn fn) {
-  cmd->callback([label, exit_code, fn] {
-    Status st = fn();
-    if (!st.ok()) {
-      std::fprintf(stderr, "%s: %s\n", label.c_str(), st.ToString().c_str());
-      *exit_code = 1;
-    }
-  });
 }
 
 }  // namespace

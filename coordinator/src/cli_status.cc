@@ -104,9 +104,14 @@ void ShowRun(const std::string& dir) {
   if (eval) {
     try {
       nlohmann::json j = nlohmann::json::parse(eval);
-      std::printf("  evaluation   Precision@1 %.4f  MAP@R %.4f  (raw pixels %.4f / %.4f)\n",
-                  j["model"]["precision_at_1"].get<double>(), j["model"]["map_at_r"].get<double>(),
-                  j["raw_pixels"]["precision_at_1"].get<double>(), j["raw_pixels"]["map_at_r"].get<double>());
+      if (j.value("task", "") == "detection") {
+        std::printf("  evaluation   AP50 %.4f  COCO AP %.4f  on %lld snaps\n", j["model"]["mean_ap50"].get<double>(),
+                    j["model"]["mean_ap"].get<double>(), static_cast<long long>(j["model"]["images"].get<int64_t>()));
+      } else {
+        std::printf("  evaluation   Precision@1 %.4f  MAP@R %.4f  (raw pixels %.4f / %.4f)\n",
+                    j["model"]["precision_at_1"].get<double>(), j["model"]["map_at_r"].get<double>(),
+                    j["raw_pixels"]["precision_at_1"].get<double>(), j["raw_pixels"]["map_at_r"].get<double>());
+      }
     } catch (const std::exception& e) {
       std::printf("  evaluation   eval.json unreadable: %s\n", e.what());
     }

@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   dtrain::cli::AddJobCommands(app, &exit_code);
   dtrain::cli::AddCkptCommands(app, &exit_code);
   dtrain::cli::AddIndexCommands(app, &exit_code);
+  dtrain::cli::AddSnapCommands(app, &exit_code);
   dtrain::cli::AddStatusCommand(app, &exit_code);
   dtrain::cli::AddConfigCommands(app, &exit_code);
   dtrain::cli::AddDataCommands(app, &exit_code);

@@ -6,7 +6,7 @@
 #include <map>
 #include <unordered_set>
 
-#include "dtrain/indexer/image_io.h"
+#include "dtrain/data/image_io.h"
 
 namespace dtrain::indexer {
 namespace fs = std::filesystem;
@@ -68,7 +68,7 @@ Status LoadDirectoryGallery(const GalleryOptions& o, Gallery* g) {
        !ec && it != end; it.increment(ec)) {
     if (!it->is_regular_file(ec)) continue;
     const std::string rel = fs::relative(it->path(), root, ec).generic_string();
-    if (IsImageFileName(rel)) {
+    if (data::IsImageFileName(rel)) {
       rel_paths.push_back(rel);
     } else {
       ++skipped;
@@ -98,8 +98,8 @@ Status LoadDirectoryGallery(const GalleryOptions& o, Gallery* g) {
   std::unordered_set<int64_t> ids;
   std::string first_path;
   for (const std::string& r : rel_paths) {
-    GrayImage img;
-    DTRAIN_RETURN_IF_ERROR(ReadGrayImage((root / r).string(), &img));
+    data::GrayImage img;
+    DTRAIN_RETURN_IF_ERROR(data::ReadGrayImage((root / r).string(), &img));
     if (d.size == 0) {
       d.rows = img.rows;
       d.cols = img.cols;

@@ -20,6 +20,7 @@
 #include "dtrain/indexer/vector_index.h"
 #include "dtrain/worker/trainer.h"
 #include "model_io.h"
+#include "index_dir.h"
 
 namespace dtrain::indexer {
 namespace fs = std::filesystem;
@@ -30,39 +31,7 @@ double Since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// Removes a directory on scope exit unless released.
-class DirCleanup {
- public:
-  explicit DirCleanup(std::string dir) : dir_(std::move(dir)) {}
-  ~DirCleanup() {
-    if (dir_.empty()) return;
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-  void Release() { dir_.clear(); }
-
- private:
-  std::string dir_;
-};
-
-Status SwapIntoPlace(const std::string& building, const std::string& out) {
-  std::error_code ec;
-  std::string old;
-  if (fs::exists(out, ec)) {
-    static std::atomic<int> counter{0};
-    old = out + ".old-" + std::to_string(::getpid()) + "-" + std::to_string(counter++);
-    fs::rename(out, old, ec);
-    if (ec) return Status::IOError("cannot move the previous index " + out + " aside: " + ec.message());
-  }
-  fs::rename(building, out, ec);
-  if (ec) {
-    std::error_code ec2;
-    if (!old.empty()) fs::rename(old, out, ec2);  // put the previous index back
-    return Status::IOError("cannot rename " + building + " to " + out + ": " + ec.message());
-  }
-  if (!old.empty()) fs::remove_all(old, ec);
-  return Status::OK();
-}
+using internal::DirCleanup;
 
 }  // namespace
 
@@ -149,17 +118,8 @@ Status BuildIndex(const BuildIndexOptions& o, IndexManifest* manifest_out) {
   fs::create_directories(building, ec);
   if (ec) return Status::IOError("cannot create " + building + ": " + ec.message());
   DirCleanup cleanup(building);
-  const std::string model_path = building + "/model.pt";
-  DTRAIN_RETURN_IF_ERROR(worker::SaveModel(*model.model, model.config, model_path));
   IndexManifest m;
-  m.set_format_version(1);
-  m.set_model_source(model.description);
-  DTRAIN_RETURN_IF_ERROR(internal::FileDigest(model_path, m.mutable_model_digest()));
-  *m.mutable_model() = model.config;
-  m.set_embedding_dim(dim);
-  *m.mutable_params() = effective;
-  m.mutable_params()->clear_output_dir();
-  m.mutable_params()->clear_builder_address();
+  DTRAIN_RETURN_IF_ERROR(internal::WriteIndexModel(building, model, dim, effective, &m));
   m.set_gallery_description(gallery.description);
   m.set_count(gallery.images.size);
   int64_t labelled = 0;
@@ -184,7 +144,7 @@ Status BuildIndex(const BuildIndexOptions& o, IndexManifest* manifest_out) {
   DTRAIN_RETURN_IF_ERROR(WriteFileAtomically(building + "/manifest.textproto",
                                              "# dtrain index manifest (proto/dtrain/indexer.proto IndexManifest)\n" + text));
   // 6. Swap.
-  DTRAIN_RETURN_IF_ERROR(SwapIntoPlace(building, out));
+  DTRAIN_RETURN_IF_ERROR(internal::SwapIntoPlace(building, out, "index"));
   cleanup.Release();
   spdlog::info("index written to {} in {:.1f} s: {}", out, Since(t_start), DescribeManifest(m));
   if (manifest_out) *manifest_out = m;

@@ -134,4 +134,21 @@ Status FileDigest(const std::string& path, std::string* digest) {
   return Status::OK();
 }
 
+Status WriteIndexModel(const std::string& dir, LoadedModel& model, int embedding_dim,
+                       const IndexConfig& effective, IndexManifest* manifest) {
+  const std::string model_path = dir + "/model.pt";
+  DTRAIN_RETURN_IF_ERROR(worker::SaveModel(*model.model, model.config, model_path));
+  IndexManifest m;
+  m.set_format_version(1);
+  m.set_model_source(model.description);
+  DTRAIN_RETURN_IF_ERROR(FileDigest(model_path, m.mutable_model_digest()));
+  *m.mutable_model() = model.config;
+  m.set_embedding_dim(embedding_dim);
+  *m.mutable_params() = effective;
+  m.mutable_params()->clear_output_dir();
+  m.mutable_params()->clear_builder_address();
+  *manifest = m;
+  return Status::OK();
+}
+
 }  // namespace dtrain::indexer::internal

@@ -8,6 +8,7 @@
 
 #include "dtrain/common/status.h"
 #include "dtrain/data/fashion_mnist.h"
+#include "dtrain/indexer.pb.h"
 #include "dtrain/job.pb.h"
 #include "dtrain/models/embedder.h"
 
@@ -39,6 +40,13 @@ Status EmbedImages(models::EmbedderImpl& model, const data::Dataset& images, int
 
 // Sets torch's intra-op threads: `threads` > 0, else every core.
 void UseThreads(int threads);
+
+// Saves `model` as DIR/model.pt and starts the manifest of the index
+// directory DIR: format version, model source, digest and config, embedding
+// dimension, the index parameters in effect (without the output directory
+// and builder address). The caller adds the gallery, count and the rest.
+Status WriteIndexModel(const std::string& dir, LoadedModel& model, int embedding_dim,
+                       const IndexConfig& effective, IndexManifest* manifest);
 
 // crc32c of a file's bytes, as 8 hex digits.
 Status FileDigest(const std::string& path, std::string* digest);

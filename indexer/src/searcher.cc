@@ -5,8 +5,8 @@
 #include <chrono>
 #include <filesystem>
 
+#include "dtrain/data/image_io.h"
 #include "dtrain/indexer/gallery.h"
-#include "dtrain/indexer/image_io.h"
 #include "dtrain/indexer/index_builder.h"
 #include "dtrain/indexer/metadata_store.h"
 #include "dtrain/indexer/vector_index.h"
@@ -114,12 +114,12 @@ Status Searcher::Query(const QueryRequest& request, QueryReply* reply) const {
   for (int i = 0; i < request.queries_size(); ++i) {
     const QueryImage& q = request.queries(i);
     const std::string where = "query " + std::to_string(i) + (q.name().empty() ? "" : " (" + q.name() + ")");
-    GrayImage img;
+    data::GrayImage img;
     int label = -1;
     std::string name = q.name();
     switch (q.source_case()) {
       case QueryImage::kImageFile:
-        DTRAIN_RETURN_IF_ERROR(DecodeGrayImage(q.image_file(), where, &img));
+        DTRAIN_RETURN_IF_ERROR(data::DecodeGrayImage(q.image_file(), where, &img));
         break;
       case QueryImage::kDataset: {
         data::Split split;

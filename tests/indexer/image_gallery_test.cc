@@ -10,13 +10,18 @@
 #include <random>
 #include <set>
 
+#include "dtrain/data/image_io.h"
 #include "dtrain/indexer/gallery.h"
-#include "dtrain/indexer/image_io.h"
 #include "dtrain/indexer/metadata_store.h"
 #include "dtrain/indexer/vector_index.h"
 
 namespace dtrain::indexer {
 namespace {
+
+using data::DecodeGrayImage;
+using data::GrayImage;
+using data::ReadGrayImage;
+using data::WriteGrayPng;
 
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;

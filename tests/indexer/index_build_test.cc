@@ -16,8 +16,8 @@
 #include "dtrain/common/config.h"
 #include "dtrain/common/rpc.h"
 #include "dtrain/coordinator/index_handoff.h"
+#include "dtrain/data/image_io.h"
 #include "dtrain/indexer.grpc.pb.h"
-#include "dtrain/indexer/image_io.h"
 #include "dtrain/indexer/index_builder.h"
 #include "dtrain/indexer/index_eval.h"
 #include "dtrain/indexer/searcher.h"
@@ -28,6 +28,9 @@
 
 namespace dtrain::indexer {
 namespace {
+
+using data::GrayImage;
+using data::WriteGrayPng;
 
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;

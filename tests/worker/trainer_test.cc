@@ -118,7 +118,7 @@ TEST_F(TrainerTest, UnknownModelOrLossNameListsKnownNames) {
   std::unique_ptr<Trainer> trainer;
   Status st = Trainer::Create(SmokeConfig({"model.name=resnet9"}), std::make_unique<LocalStrategy>(), {}, &trainer);
   EXPECT_EQ(st.code(), Status::Code::kInvalidArgument);
-  EXPECT_THAT(st.message(), HasSubstr("unknown model 'resnet9' (known: resnet_embedder)"));
+  EXPECT_THAT(st.message(), HasSubstr("unknown model 'resnet9' (known: resnet_embedder"));
   st = Trainer::Create(SmokeConfig({"loss.name=contrastive"}), std::make_unique<LocalStrategy>(), {}, &trainer);
   EXPECT_THAT(st.message(), HasSubstr("unknown loss 'contrastive' (known: arcface, cosface, triplet)"));
 }

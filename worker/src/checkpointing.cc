@@ -1,6 +1,9 @@
 #include "dtrain/worker/checkpointing.h"
 
+#include <spdlog/spdlog.h>
+
 #include <cstring>
+#include <filesystem>
 #include <map>
 
 #include "dtrain/common/crc32c.h"
@@ -53,9 +56,13 @@ struct NamedState {
 NamedState Collect(const TrainingObjects& o) {
   NamedState s;
   for (const auto& p : o.model->named_parameters()) s.parameters.emplace_back("model/" + p.key(), p.value());
-  for (const auto& p : o.loss->named_parameters()) s.parameters.emplace_back("loss/" + p.key(), p.value());
+  if (o.loss) {
+    for (const auto& p : o.loss->named_parameters()) s.parameters.emplace_back("loss/" + p.key(), p.value());
+  }
   for (const auto& b : o.model->named_buffers()) s.buffers.emplace_back("model/" + b.key(), b.value());
-  for (const auto& b : o.loss->named_buffers()) s.buffers.emplace_back("loss/" + b.key(), b.value());
+  if (o.loss) {
+    for (const auto& b : o.loss->named_buffers()) s.buffers.emplace_back("loss/" + b.key(), b.value());
+  }
   return s;
 }
 
@@ -87,8 +94,13 @@ Status RecordToTensor(const TensorRecord& record, torch::Tensor* out) {
 }
 
 std::string ResumeDigest(const JobConfig& config) {
+  // An embedder's digest leaves out model.detector (filled with defaults by
+  // the config loader since the detector exists), so stores written before
+  // it keep their digest.
+  ModelConfig model = config.model();
+  if (model.name() != "centernet_detector") model.clear_detector();
   std::string bytes;
-  config.model().SerializeToString(&bytes);
+  model.SerializeToString(&bytes);
   std::string loss;
   config.loss().SerializeToString(&loss);
   bytes += '\0' + loss + '\0' + config.data().dataset();
@@ -238,6 +250,50 @@ Status RestoreCheckpoint(const CheckpointData& data, const TrainingObjects& o, T
   o.optimizer->state().clear();
   for (OptState& os : opt_states) SetOptimizerSlots(*o.optimizer, o.optimizer_kind, os.param, os.slots);
   *state = ts;
+  return Status::OK();
+}
+
+Status ResumeFromStore(const StoreOptions& store_options, const TrainingObjects& objects, data::Sampler* sampler,
+                       int data_world_size, int64_t steps_per_epoch, TrainerState* state, bool* resumed) {
+  *resumed = false;
+  const std::string& dir = store_options.path;
+  std::error_code ec;
+  if (!std::filesystem::exists(dir, ec)) {
+    spdlog::info("no checkpoint store at {}: starting {} from scratch", dir, store_options.job_name);
+    return Status::OK();
+  }
+  StoreOptions ro = store_options;
+  ro.read_only = true;
+  ro.create_if_missing = false;
+  std::unique_ptr<CheckpointStore> store;
+  DTRAIN_RETURN_IF_ERROR(CheckpointStore::Open(ro, &store).WithContext("checkpoint store " + dir));
+  int64_t latest = 0;
+  Status has = store->LatestStep(&latest);
+  if (has.code() == Status::Code::kNotFound) {
+    spdlog::info("no checkpoint in {}: starting {} from scratch", dir, store_options.job_name);
+    return Status::OK();
+  }
+  DTRAIN_RETURN_IF_ERROR(has);
+  CheckpointData data;
+  std::vector<std::string> warnings;
+  DTRAIN_RETURN_IF_ERROR(store->LoadLatestGood(&data, &warnings));
+  for (const std::string& w : warnings) spdlog::warn("{}", w);
+  TrainerState st;
+  DTRAIN_RETURN_IF_ERROR(RestoreCheckpoint(data, objects, &st));
+  DTRAIN_RETURN_IF_ERROR(sampler->Restore({st.sampler_epoch(), st.sampler_position()}));
+  if (data.world_size != data_world_size && steps_per_epoch > 0) {
+    const int64_t g = sampler->global_batch();
+    const int64_t rescaled = static_cast<int64_t>(st.sampler_epoch()) * steps_per_epoch +
+                             (static_cast<int64_t>(st.sampler_position()) + g - 1) / g;
+    spdlog::info("world size {} -> {}: step {} of the checkpoint is step {} at this world size", data.world_size,
+                 data_world_size, st.step(), rescaled);
+    st.set_step(rescaled);
+  }
+  spdlog::info("resuming {} from checkpoint {} (epoch {}, sample {} of it, saved in {} mode by {} worker(s))",
+               store_options.job_name, data.step, st.sampler_epoch(), st.sampler_position(), data.mode,
+               data.world_size);
+  *state = st;
+  *resumed = true;
   return Status::OK();
 }
 

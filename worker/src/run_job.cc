@@ -13,6 +13,7 @@
 #include "dtrain/paramserver/mpmd.h"
 #include "dtrain/paramserver/service.h"
 #include "dtrain/worker/async_strategy.h"
+#include "dtrain/worker/detector_trainer.h"
 #include "dtrain/worker/pipeline_strategy.h"
 #include "dtrain/worker/collective/mpi_collective.h"
 #include "dtrain/worker/sync_strategy.h"
@@ -153,6 +154,25 @@ Status RunJob(const JobConfig& job, const TrainerOptions& options, TrainResult* 
                    config.launch().workers(), config.launch().workers());
     }
     strategy = std::make_unique<LocalStrategy>();
+  }
+  if (models::IsDetectorModel(config.model().name())) {
+    DetectorTrainResult dr;
+    DTRAIN_RETURN_IF_ERROR(TrainDetector(config, std::move(strategy), options, &dr));
+    if (dr.evaluated) {
+      std::printf("\nDetection on %lld evaluation snaps:\n%s", static_cast<long long>(dr.metrics.images),
+                  DetectionTable(dr.metrics).c_str());
+      if (options.write_outputs) std::printf("written to %s/eval.json\n", config.run_dir().c_str());
+      std::fflush(stdout);
+    }
+    if (result) {
+      *result = TrainResult{};
+      result->steps = dr.steps;
+      result->resumed_from_step = dr.resumed_from_step;
+      result->train_seconds = dr.train_seconds;
+      result->images_per_sec = dr.images_per_sec;
+      result->final_loss = dr.final_loss;
+    }
+    return Status::OK();
   }
   TrainResult r;
   {

@@ -27,6 +27,7 @@
 #include "dtrain/worker/checkpointing.h"
 #include "dtrain/worker/evaluation.h"
 #include "dtrain/common/lr_schedule.h"
+#include "torch_guard.h"
 
 namespace dtrain::worker {
 namespace {
@@ -35,17 +36,7 @@ using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
-// Converts a LibTorch exception into a Status at this boundary.
-template <typename F>
-Status Guard(const char* what, F&& f) {
-  try {
-    return f();
-  } catch (const c10::Error& e) {
-    return Status::Internal(std::string(what) + ": " + e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return Status::Internal(std::string(what) + ": " + e.what());
-  }
-}
+using internal::Guard;
 
 // One prepared batch and the sampler state after it.
 struct Batch {
@@ -146,6 +137,8 @@ class BatchLoader {
   std::thread thread_;
 };
 
+}  // namespace
+
 std::unique_ptr<torch::optim::Optimizer> MakeOptimizer(const OptimizerConfig& o,
                                                        const std::vector<torch::Tensor>& params) {
   if (o.kind() == OptimizerConfig::ADAMW) {
@@ -159,6 +152,8 @@ std::unique_ptr<torch::optim::Optimizer> MakeOptimizer(const OptimizerConfig& o,
                                                          .nesterov(o.nesterov())
                                                          .weight_decay(o.weight_decay()));
 }
+
+namespace {
 
 nlohmann::ordered_json MetricsJson(const RetrievalMetrics& m) {
   nlohmann::ordered_json j;
@@ -289,50 +284,15 @@ Status Trainer::Create(const JobConfig& config, std::unique_ptr<Strategy> strate
   so.job_name = config.name();
   so.config_digest = ResumeDigest(config);
   so.force = options.force_store;
-  if (options.resume && !std::filesystem::exists(ck.dir())) {
-    spdlog::info("no checkpoint store at {}: starting {} from scratch", ck.dir(), config.name());
-  } else if (options.resume) {
-    StoreOptions ro = so;
-    ro.read_only = true;
-    ro.create_if_missing = false;
-    std::unique_ptr<CheckpointStore> store;
-    DTRAIN_RETURN_IF_ERROR(CheckpointStore::Open(ro, &store).WithContext("checkpoint store " + ck.dir()));
-    int64_t latest = 0;
-    Status has = store->LatestStep(&latest);
-    if (has.ok()) {
-      CheckpointData data;
-      std::vector<std::string> warnings;
-      DTRAIN_RETURN_IF_ERROR(store->LoadLatestGood(&data, &warnings));
-      for (const std::string& w : warnings) spdlog::warn("{}", w);
-      DTRAIN_RETURN_IF_ERROR(RestoreCheckpoint(data, impl->Objects(), &impl->resume_state));
-      if (!impl->resume_state.torch_rng_state().empty()) {
-        const std::string& rs = impl->resume_state.torch_rng_state();
-        torch::Tensor t = torch::empty({static_cast<int64_t>(rs.size())}, torch::kUInt8);
-        std::memcpy(t.data_ptr(), rs.data(), rs.size());
-        at::Generator gen = at::detail::getDefaultCPUGenerator();
-        gen.set_state(t);
-      }
-      DTRAIN_RETURN_IF_ERROR(impl->sampler->Restore(
-          {impl->resume_state.sampler_epoch(), impl->resume_state.sampler_position()}));
-      // Steps count global batches, whose size changes with the world size:
-      // at another world size the step (and so the LR schedule) continues
-      // from the same point of the data, epoch and position.
-      if (data.world_size != s.data_world_size() && per_epoch > 0) {
-        const int64_t g = impl->sampler->global_batch();
-        const int64_t rescaled = static_cast<int64_t>(impl->resume_state.sampler_epoch()) * per_epoch +
-                                 (static_cast<int64_t>(impl->resume_state.sampler_position()) + g - 1) / g;
-        spdlog::info("world size {} -> {}: step {} of the checkpoint is step {} at this world size", data.world_size,
-                     s.data_world_size(), impl->resume_state.step(), rescaled);
-        impl->resume_state.set_step(rescaled);
-      }
-      impl->resumed = true;
-      spdlog::info("resuming {} from checkpoint {} (epoch {}, sample {} of it, saved in {} mode by {} worker(s))",
-                   config.name(), data.step, impl->resume_state.sampler_epoch(), impl->resume_state.sampler_position(),
-                   data.mode, data.world_size);
-    } else if (has.code() == Status::Code::kNotFound) {
-      spdlog::info("no checkpoint in {}: starting {} from scratch", ck.dir(), config.name());
-    } else {
-      return has;
+  if (options.resume) {
+    DTRAIN_RETURN_IF_ERROR(ResumeFromStore(so, impl->Objects(), impl->sampler.get(), s.data_world_size(), per_epoch,
+                                           &impl->resume_state, &impl->resumed));
+    if (impl->resumed && !impl->resume_state.torch_rng_state().empty()) {
+      const std::string& rs = impl->resume_state.torch_rng_state();
+      torch::Tensor t = torch::empty({static_cast<int64_t>(rs.size())}, torch::kUInt8);
+      std::memcpy(t.data_ptr(), rs.data(), rs.size());
+      at::Generator gen = at::detail::getDefaultCPUGenerator();
+      gen.set_state(t);
     }
   }
 
@@ -664,7 +624,7 @@ std::string EvalTable(const RetrievalMetrics& model, const RetrievalMetrics& raw
 namespace {
 
 // Every parameter and buffer of `model` under its full dotted name.
-std::vector<std::pair<std::string, torch::Tensor>> NamedTensors(models::EmbedderImpl& model) {
+std::vector<std::pair<std::string, torch::Tensor>> NamedTensors(torch::nn::Module& model) {
   std::vector<std::pair<std::string, torch::Tensor>> out;
   for (const auto& p : model.named_parameters(/*recurse=*/true)) out.emplace_back(p.key(), p.value());
   for (const auto& b : model.named_buffers(/*recurse=*/true)) out.emplace_back(b.key(), b.value());
@@ -679,7 +639,7 @@ std::string Shape(const torch::Tensor& t) {
 
 }  // namespace
 
-Status SaveModel(models::EmbedderImpl& model, const ModelConfig& config, const std::string& path) {
+Status SaveModel(torch::nn::Module& model, const ModelConfig& config, const std::string& path) {
   return Guard("saving the model", [&]() -> Status {
     std::error_code ec;
     std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
@@ -696,7 +656,7 @@ Status SaveModel(models::EmbedderImpl& model, const ModelConfig& config, const s
   });
 }
 
-Status LoadModel(const std::string& path, models::EmbedderImpl& model) {
+Status LoadModel(const std::string& path, torch::nn::Module& model) {
   if (!std::filesystem::exists(path)) return Status::NotFound("model file " + path + " does not exist");
   torch::serialize::InputArchive archive;
   try {
@@ -754,7 +714,7 @@ Status ReadModelConfig(const std::string& path, ModelConfig* config) {
   return Status::OK();
 }
 
-Status LoadModelFromCheckpoint(const std::string& store_dir, models::EmbedderImpl& model, int64_t* step,
+Status LoadModelFromCheckpoint(const std::string& store_dir, torch::nn::Module& model, int64_t* step,
                                std::vector<std::string>* warnings) {
   StoreOptions so;
   so.path = store_dir;

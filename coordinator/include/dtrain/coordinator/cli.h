@@ -26,6 +26,10 @@ void AddCkptCommands(CLI::App& app, int* exit_code);
 // dtrain index build|query|eval|info
 void AddIndexCommands(CLI::App& app, int* exit_code);
 
+// dtrain snap index build|info, dtrain snap query: the snap index
+// (indexer/snap_index.h).
+void AddSnapCommands(CLI::App& app, int* exit_code);
+
 // dtrain status [RUN_DIR]...: what each run directory holds (jobs and their
 // processes, checkpoints, evaluation, index); with --coordinator, every job
 // of a dtrain-coordinator and its processes.

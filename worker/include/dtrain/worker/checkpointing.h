@@ -23,6 +23,7 @@
 
 #include "dtrain/common/checkpoint_store.h"
 #include "dtrain/common/status.h"
+#include "dtrain/data/sampler.h"
 #include "dtrain/job.pb.h"
 #include "dtrain/models/embedder.h"
 #include "dtrain/models/loss.h"
@@ -41,8 +42,11 @@ Status RecordToTensor(const TensorRecord& record, torch::Tensor* out);
 std::string ResumeDigest(const JobConfig& config);
 
 struct TrainingObjects {
-  models::EmbedderImpl* model = nullptr;
-  models::LossModuleImpl* loss = nullptr;
+  // The embedder or the detector.
+  torch::nn::Module* model = nullptr;
+  // The loss module's parameters (margin heads); null when the loss has none
+  // (the detector).
+  torch::nn::Module* loss = nullptr;
   torch::optim::Optimizer* optimizer = nullptr;
   OptimizerConfig::Kind optimizer_kind = OptimizerConfig::SGD;
 };
@@ -65,5 +69,16 @@ Status CaptureCheckpoint(const JobConfig& config, const char* mode, int world_si
 // InvalidArgument naming the tensor when the checkpoint does not fit; then
 // nothing has been changed.
 Status RestoreCheckpoint(const CheckpointData& data, const TrainingObjects& objects, TrainerState* state);
+
+// Resuming a job: opens the store of `store_options` read-only, loads its
+// newest intact checkpoint (falling back past corrupt ones, with a warning
+// each) into `objects` and `sampler` and returns its TrainerState in *state.
+// Steps count global batches, whose size changes with the world size: at
+// another data_world_size the step (and so the LR schedule) continues from
+// the same point of the data (epoch and position). *resumed is false, and
+// nothing changed, when the store does not exist or holds no checkpoint.
+// Errors as RestoreCheckpoint's, or the store's.
+Status ResumeFromStore(const StoreOptions& store_options, const TrainingObjects& objects, data::Sampler* sampler,
+                       int data_world_size, int64_t steps_per_epoch, TrainerState* state, bool* resumed);
 
 }  // namespace dtrain::worker

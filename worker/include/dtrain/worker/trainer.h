@@ -111,6 +111,10 @@ class Trainer {
   std::unique_ptr<Impl> impl_;
 };
 
+// The optimizer of `config` (SGD with momentum or AdamW) over `params`.
+std::unique_ptr<torch::optim::Optimizer> MakeOptimizer(const OptimizerConfig& config,
+                                                       const std::vector<torch::Tensor>& params);
+
 // Evaluates `model` on the Fashion-MNIST test split of `config` (leave-one-out)
 // and the raw-pixel baseline beside it.
 Status EvaluateOnTestSplit(const JobConfig& config, models::EmbedderImpl& model, RetrievalMetrics* model_metrics,
@@ -123,13 +127,14 @@ std::string EvalJson(const JobConfig& config, const RetrievalMetrics& model_metr
 // The evaluation table printed at the end of training and by `dtrain eval`.
 std::string EvalTable(const RetrievalMetrics& model_metrics, const RetrievalMetrics& raw_pixel_metrics);
 
-// Saves / loads the embedder's parameters and buffers (model.pt). The file
+// Saves / loads a model's parameters and buffers (model.pt; an embedder or
+// the detector). The file
 // also carries `config` (text format, under kModelConfigKey), so that a model
 // file alone is enough to rebuild its embedder (the indexer relies on it).
 // LoadModel ignores it.
 inline constexpr const char* kModelConfigKey = "__dtrain_model_config__";
-Status SaveModel(models::EmbedderImpl& model, const ModelConfig& config, const std::string& path);
-Status LoadModel(const std::string& path, models::EmbedderImpl& model);
+Status SaveModel(torch::nn::Module& model, const ModelConfig& config, const std::string& path);
+Status LoadModel(const std::string& path, torch::nn::Module& model);
 
 // The ModelConfig a model file carries. NotFound when it carries none (a file
 // written before dtrain stored it); Corruption when it cannot be read.
@@ -139,7 +144,7 @@ Status ReadModelConfig(const std::string& path, ModelConfig* config);
 // (corrupt checkpoints are skipped, with a warning each in `warnings`):
 // loads its "model/..." tensors into `model`, which must be built from the
 // same config. *step receives the checkpoint's step.
-Status LoadModelFromCheckpoint(const std::string& store_dir, models::EmbedderImpl& model, int64_t* step,
+Status LoadModelFromCheckpoint(const std::string& store_dir, torch::nn::Module& model, int64_t* step,
                                std::vector<std::string>* warnings);
 
 }  // namespace dtrain::worker

@@ -1,4 +1,4 @@
-#include "dtrain/indexer/image_io.h"
+#include "dtrain/data/image_io.h"
 
 #include <png.h>
 
@@ -10,7 +10,7 @@
 #include <fstream>
 #include <sstream>
 
-namespace dtrain::indexer {
+namespace dtrain::data {
 namespace {
 
 constexpr int kMaxSide = 1 << 14;
@@ -145,11 +145,15 @@ Status ReadGrayImage(const std::string& path, GrayImage* out) {
   return DecodeGrayImage(bytes, path, out);
 }
 
-Status WriteGrayPng(const std::string& path, const GrayImage& image) {
-  if (image.rows <= 0 || image.cols <= 0 ||
-      image.pixels.size() != static_cast<size_t>(image.rows) * static_cast<size_t>(image.cols)) {
-    return Status::InvalidArgument("WriteGrayPng: pixel count does not match " + std::to_string(image.rows) + "x" +
-                                   std::to_string(image.cols));
+namespace {
+
+Status WritePng(const std::string& path, const char* what, int rows, int cols, size_t channels,
+                const std::vector<uint8_t>& pixels, png_uint_32 format) {
+  if (rows <= 0 || cols <= 0 || rows > kMaxSide || cols > kMaxSide ||
+      pixels.size() != static_cast<size_t>(rows) * static_cast<size_t>(cols) * channels) {
+    return Status::InvalidArgument(std::string(what) + " " + path + ": " + std::to_string(pixels.size()) +
+                                   " pixel bytes do not match " + std::to_string(rows) + "x" + std::to_string(cols) +
+                                   (channels == 1 ? "" : "x" + std::to_string(channels)));
   }
   std::error_code ec;
   const std::filesystem::path parent = std::filesystem::path(path).parent_path();
@@ -157,15 +161,25 @@ Status WriteGrayPng(const std::string& path, const GrayImage& image) {
   png_image img;
   std::memset(&img, 0, sizeof img);
   img.version = PNG_IMAGE_VERSION;
-  img.width = static_cast<png_uint_32>(image.cols);
-  img.height = static_cast<png_uint_32>(image.rows);
-  img.format = PNG_FORMAT_GRAY;
-  if (!png_image_write_to_file(&img, path.c_str(), 0, image.pixels.data(), 0, nullptr)) {
+  img.width = static_cast<png_uint_32>(cols);
+  img.height = static_cast<png_uint_32>(rows);
+  img.format = format;
+  if (!png_image_write_to_file(&img, path.c_str(), 0, pixels.data(), 0, nullptr)) {
     const std::string msg = img.message;
     png_image_free(&img);
     return Status::IOError("cannot write " + path + ": " + msg);
   }
   return Status::OK();
+}
+
+}  // namespace
+
+Status WriteGrayPng(const std::string& path, const GrayImage& image) {
+  return WritePng(path, "WriteGrayPng", image.rows, image.cols, 1, image.pixels, PNG_FORMAT_GRAY);
+}
+
+Status WriteRgbPng(const std::string& path, const RgbImage& image) {
+  return WritePng(path, "WriteRgbPng", image.rows, image.cols, 3, image.pixels, PNG_FORMAT_RGB);
 }
 
 bool IsImageFileName(const std::string& name) {
@@ -174,4 +188,4 @@ bool IsImageFileName(const std::string& name) {
   return ext == ".png" || ext == ".pgm";
 }
 
-}  // namespace dtrain::indexer
+}  // namespace dtrain::data

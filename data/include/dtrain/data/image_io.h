@@ -1,7 +1,8 @@
-// Reading the images of a user's catalogue: 8-bit grayscale PNG (libpng) and
-// PGM (P5 binary and P2 plain), the formats dtrain's 28x28 grayscale models
-// take. Colour, alpha and 16-bit images are refused with a message saying
-// what the file is, rather than converted behind the user's back.
+// Image files: reading a user's catalogue or snaps as 8-bit grayscale PNG
+// (libpng) and PGM (P5 binary and P2 plain), the formats dtrain's grayscale
+// models take; writing 8-bit grayscale and RGB PNGs. Colour, alpha and 16-bit
+// images are refused with a message saying what the file is, rather than
+// converted behind the user's back.
 //
 // Thread-safety: the functions share no state.
 #pragma once
@@ -13,7 +14,7 @@
 
 #include "dtrain/common/status.h"
 
-namespace dtrain::indexer {
+namespace dtrain::data {
 
 struct GrayImage {
   int rows = 0;
@@ -31,10 +32,22 @@ Status DecodeGrayImage(std::string_view bytes, const std::string& name, GrayImag
 Status ReadGrayImage(const std::string& path, GrayImage* out);
 
 // Writes an 8-bit grayscale PNG (for tests, and `dtrain data` exports).
+// Creates missing parent directories. InvalidArgument when the pixel count
+// is not rows * cols; IOError when the file cannot be written.
 Status WriteGrayPng(const std::string& path, const GrayImage& image);
+
+struct RgbImage {
+  int rows = 0;
+  int cols = 0;
+  std::vector<uint8_t> pixels;  // rows * cols * 3 bytes, row-major, R G B per pixel
+};
+
+// Writes an 8-bit RGB PNG (pictures of results, e.g. boxes drawn on a snap).
+// Same directory creation and errors as WriteGrayPng.
+Status WriteRgbPng(const std::string& path, const RgbImage& image);
 
 // True for the file extensions a directory gallery picks up: .png, .pgm
 // (any case).
 bool IsImageFileName(const std::string& name);
 
-}  // namespace dtrain::indexer
+}  // namespace dtrain::data
