@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "dtrain/data/transforms.h"
+#include "temp_dir_test.h"
 
 namespace dtrain::data {
 namespace {
@@ -60,18 +61,8 @@ std::vector<uint8_t> LabelsFile(const std::vector<uint8_t>& labels) {
 }
 
 // Each test gets a fresh directory for its hand-made IDX files.
-class IdxFileTest : public ::testing::Test {
+class IdxFileTest : public testing::TempDirTest {
  protected:
-  void SetUp() override {
-    char tmpl[] = "/tmp/dtrain_data_test_XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
-  }
-  void TearDown() override {
-    std::error_code ec;
-    std::filesystem::remove_all(dir_, ec);
-  }
-
   std::string WriteGz(const std::string& name, const std::vector<uint8_t>& bytes) {
     const std::string path = dir_ + "/" + name;
     gzFile f = gzopen(path.c_str(), "wb");
@@ -96,8 +87,6 @@ class IdxFileTest : public ::testing::Test {
     std::ifstream in(path, std::ios::binary);
     return std::vector<uint8_t>(std::istreambuf_iterator<char>(in), {});
   }
-
-  std::string dir_;
 };
 
 TEST(FashionMnistTest, TrainSplitHas6000PerClass) {

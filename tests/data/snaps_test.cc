@@ -19,6 +19,7 @@
 
 #include "dtrain/common/detection_metrics.h"
 #include "dtrain/data/image_io.h"
+#include "temp_dir_test.h"
 
 namespace dtrain::data {
 namespace {
@@ -285,18 +286,8 @@ TEST(SnapGeneratorTest, BadOptionsAreRefusedNamingTheOption) {
 
 // ---- snap directories ---------------------------------------------------------------
 
-class SnapDirectoryTest : public ::testing::Test {
+class SnapDirectoryTest : public testing::TempDirTest {
  protected:
-  void SetUp() override {
-    char tmpl[] = "/tmp/dtrain_snaps_test_XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
-  }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-
   std::vector<Snap> Generated(int n) {
     const SnapGenerator g = Generator(SnapOptions{});
     std::vector<Snap> snaps;
@@ -323,8 +314,6 @@ class SnapDirectoryTest : public ::testing::Test {
     std::vector<std::string> c;
     return ReadSnapDirectory(dir_, true, snaps ? snaps : &s, &c);
   }
-
-  std::string dir_;
 };
 
 TEST_F(SnapDirectoryTest, WrittenSnapsReadBackExactly) {

@@ -25,6 +25,7 @@
 #include "dtrain/indexer/vector_index.h"
 #include "dtrain/models/registry.h"
 #include "dtrain/worker/trainer.h"
+#include "embedder_run.h"
 
 namespace dtrain::indexer {
 namespace {
@@ -51,20 +52,9 @@ class IndexBuildTest : public ::testing::Test {
   // A run directory as a finished job leaves it: config.textproto + model.pt.
   std::string MakeRun(const std::string& name, int embedding_dim = 16) {
     const fs::path run = dir_ / name;
-    JobConfig config;
-    Status st = ParseJobConfig("name: \"" + name + "\" model { widths: [8, 16] embedding_dim: " +
-                                   std::to_string(embedding_dim) + " } index { gallery: \"fashion_mnist:test\" gallery_limit: " +
-                                   std::to_string(kGallery) + " kind: FLAT }",
-                               "test", {"run_dir=" + run.string()}, &config);
-    EXPECT_TRUE(st.ok()) << st;
-    fs::create_directories(run);
-    std::string text;
-    google::protobuf::TextFormat::PrintToString(config, &text);
-    std::ofstream(run / "config.textproto") << text;
-    models::Embedder model{nullptr};
-    EXPECT_TRUE(models::BuildEmbedder(config.model(), &model).ok());
-    EXPECT_TRUE(worker::SaveModel(*model, config.model(), (run / "model.pt").string()).ok());
-    config_ = config;
+    config_ = testing::MakeEmbedderRun(run, embedding_dim,
+                                       "index { gallery: \"fashion_mnist:test\" gallery_limit: " +
+                                           std::to_string(kGallery) + " kind: FLAT }");
     return run.string();
   }
 

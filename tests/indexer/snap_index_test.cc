@@ -28,6 +28,7 @@
 #include "dtrain/models/registry.h"
 #include "dtrain/worker/strategy.h"
 #include "dtrain/worker/trainer.h"
+#include "embedder_run.h"
 
 namespace dtrain::indexer {
 namespace {
@@ -133,18 +134,7 @@ class SnapIndexTest : public ::testing::Test {
   // A finished embedder run (config.textproto + model.pt), untrained.
   std::string MakeEmbedderRun(const std::string& name, int embedding_dim = 16) {
     const fs::path run = dir_ / name;
-    JobConfig config;
-    Status st = ParseJobConfig("name: \"" + name + "\" model { widths: [8, 16] embedding_dim: " +
-                                   std::to_string(embedding_dim) + " }",
-                               "test", {"run_dir=" + run.string()}, &config);
-    EXPECT_TRUE(st.ok()) << st;
-    fs::create_directories(run);
-    std::string text;
-    google::protobuf::TextFormat::PrintToString(config, &text);
-    std::ofstream(run / "config.textproto") << text;
-    models::Embedder model{nullptr};
-    EXPECT_TRUE(models::BuildEmbedder(config.model(), &model).ok());
-    EXPECT_TRUE(worker::SaveModel(*model, config.model(), (run / "model.pt").string()).ok());
+    testing::MakeEmbedderRun(run, embedding_dim);
     return run.string();
   }
 
@@ -827,7 +817,7 @@ TEST_F(SnapIndexTest, DamagedPixelDescriptorsAreReportedAsCorruption) {
   fs::resize_file(file, size);
   {
     std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
-    f.write("XXXX", 4);
+    f.write("junk", 4);
   }
   st = SnapIndex::Open(oo, &index);
   EXPECT_EQ(st.code(), Status::Code::kCorruption) << st;
