@@ -78,6 +78,7 @@ void Check(const Status& st, const char* what) {
 struct ModeRow {
   SnapBoxes boxes;
   float pixel_weight = 0;
+  float instance_weight = 0;
   SnapIndexSummary summary;
   double recall1 = 0, recall5 = 0, precision5_matched = 0, precision5_holds = 0, category_accuracy = -1;
   double p50_ms = 0, p99_ms = 0;
@@ -108,6 +109,18 @@ int main(int argc, char** argv) {
   app.add_option("--pixel-weights", pixel_weights,
                  "pixel descriptor weights to query each index with (rows; the first two make the goals line)")
       ->capture_default_str();
+  int rerank_depth = SnapQueryOptions().rerank_depth;
+  std::vector<float> instance_weights = {SnapQueryOptions().instance_weight};
+  float instance_threshold = SnapQueryOptions().instance_threshold;
+  app.add_option("--instance-weights", instance_weights,
+                 "instance bonus weights to query with when the pixel weight is > 0 (rows)")
+      ->capture_default_str();
+  app.add_option("--instance-threshold", instance_threshold, "template similarity where the instance bonus starts")
+      ->capture_default_str();
+  app.add_option("--rerank-depth", rerank_depth, "items re-ranked by their templates per query (at least)")
+      ->capture_default_str();
+  std::vector<std::string> box_modes = {"detected", "truth", "whole"};
+  app.add_option("--boxes", box_modes, "snap indexes to build: detected, truth, whole")->capture_default_str();
   app.add_option("--threads", threads, "torch threads (0: every core)")->capture_default_str();
   app.add_option("--work", work, "scratch directory for the indexes")->capture_default_str();
   app.add_option("--out", out, "JSON output")->capture_default_str();
@@ -185,7 +198,13 @@ int main(int argc, char** argv) {
     per_category[e.substr(0, eq)] = e.substr(eq + 1);
   }
   std::vector<ModeRow> rows;
-  for (SnapBoxes boxes : {SnapBoxes::kDetected, SnapBoxes::kGroundTruth, SnapBoxes::kWholeSnap}) {
+  std::vector<SnapBoxes> modes;
+  for (const std::string& name : box_modes) {
+    SnapBoxes b;
+    if (!ParseSnapBoxes(name, &b)) Check(Status::InvalidArgument("--boxes " + name + ": use detected, truth or whole"), "flags");
+    modes.push_back(b);
+  }
+  for (SnapBoxes boxes : modes) {
     ModeRow row;
     row.boxes = boxes;
     SnapIndexOptions o;
@@ -208,15 +227,29 @@ int main(int argc, char** argv) {
     oo.threads = threads;
     std::unique_ptr<SnapIndex> index;
     Check(SnapIndex::Open(oo, &index), "opening the index");
+    // The query settings: the embedding alone (pixel weight 0, no bonus),
+    // and each pixel weight > 0 with each instance weight.
+    std::vector<std::pair<float, float>> settings;
     for (float weight : pixel_weights) {
+      if (weight > 0) {
+        for (float gamma : instance_weights) settings.emplace_back(weight, gamma);
+      } else {
+        settings.emplace_back(0.f, 0.f);
+      }
+    }
+    for (const auto& [weight, gamma] : settings) {
       const SnapIndexSummary summary = row.summary;
       row = ModeRow();
       row.boxes = boxes;
       row.pixel_weight = weight;
+      row.instance_weight = gamma;
       row.summary = summary;
       SnapQueryOptions qo;
       qo.k = 5;
       qo.pixel_weight = weight;
+      qo.instance_weight = gamma;
+      qo.instance_threshold = instance_threshold;
+      qo.rerank_depth = rerank_depth;
       std::vector<SnapQueryResult> results;
       Check(index->QueryBatch(products, qo, &results), "queries");
       std::vector<double> hits_c(categories.size(), 0), count_c(categories.size(), 0);
@@ -285,6 +318,8 @@ int main(int argc, char** argv) {
   j["queries"] = static_cast<int64_t>(products.size());
   j["cores"] = std::thread::hardware_concurrency();
   j["min_score"] = min_score;
+  j["rerank_depth"] = rerank_depth;
+  j["instance_threshold"] = instance_threshold;
   j["detector_metrics"] = {{"mean_ap50", ap.mean_ap50}, {"mean_ap75", ap.mean_ap75}, {"mean_ap", ap.mean_ap},
                            {"snaps_per_sec", snaps.size() / std::max(ap_s, 1e-9)}};
   for (size_t c = 0; c < ap.categories.size(); ++c) {
@@ -300,11 +335,12 @@ int main(int argc, char** argv) {
     if (r.category_accuracy >= 0) std::snprintf(cat, sizeof cat, "%.4f", r.category_accuracy);
     if (r.boxes != SnapBoxes::kWholeSnap) std::snprintf(matched, sizeof matched, "%.4f", r.precision5_matched);
     std::string name = SnapBoxesName(r.boxes);
-    if (r.pixel_weight == SnapIndexOptions().pixel_weight) {
+    if (r.pixel_weight == SnapIndexOptions().pixel_weight &&
+        r.instance_weight == SnapQueryOptions().instance_weight) {
       name += "+pixels";
     } else if (r.pixel_weight > 0) {
-      char w[16];
-      std::snprintf(w, sizeof w, "+pixels%.2f", r.pixel_weight);
+      char w[32];
+      std::snprintf(w, sizeof w, "+pixels%.2f/%.2f", r.pixel_weight, r.instance_weight);
       name += w;
     }
     std::printf("%-20s %8lld %9.1f %9.4f %9.4f %11s %11.4f %9s %8.2f %8.2f\n", name.c_str(),
@@ -314,6 +350,7 @@ int main(int argc, char** argv) {
     x["row"] = name;
     x["boxes"] = SnapBoxesName(r.boxes);
     x["pixel_weight"] = r.pixel_weight;
+    x["instance_weight"] = r.instance_weight;
     x["items_indexed"] = r.summary.items;
     x["index_seconds"] = r.summary.index_seconds;
     x["snaps_per_sec"] = r.summary.snaps_per_sec;

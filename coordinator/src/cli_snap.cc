@@ -28,6 +28,7 @@ struct SnapBuildArgs {
   std::string kind = "flat";
   float min_score = 0.3f;
   int max_detections = 0;
+  float pixel_weight = indexer::SnapIndexOptions().pixel_weight;
   int threads = 0;
   bool no_progress = false;
 };
@@ -56,6 +57,7 @@ Status BuildSnaps(const SnapBuildArgs& a) {
   o.output_dir = a.out;
   o.min_score = a.min_score;
   o.max_detections = a.max_detections;
+  o.pixel_weight = a.pixel_weight;
   o.threads = a.threads;
   o.progress = !a.no_progress;
   indexer::SnapIndexSummary s;
@@ -79,6 +81,9 @@ struct SnapQueryArgs {
   std::string category;
   bool json = false;
   std::string out;
+  float pixel_weight = -1;
+  float instance_weight = indexer::SnapQueryOptions().instance_weight;
+  int rerank_depth = indexer::SnapQueryOptions().rerank_depth;
   int threads = 0;
 };
 
@@ -98,6 +103,8 @@ std::string QueryJson(const std::string& product, const indexer::SnapIndex& inde
     x["file"] = m.file_name;
     if (!index.snap_dir().empty() && !m.file_name.empty()) x["path"] = (fs::path(index.snap_dir()) / m.file_name).string();
     x["similarity"] = m.similarity;
+    x["embedding_similarity"] = m.embedding_similarity;
+    x["template_similarity"] = m.pixel_similarity;
     x["box"] = {m.item.box.x0, m.item.box.y0, m.item.box.x1, m.item.box.y1};
     x["category"] = m.category_name;
     x["detection_score"] = m.item.score;
@@ -169,6 +176,9 @@ Status QuerySnaps(const SnapQueryArgs& a) {
   indexer::SnapQueryOptions qo;
   qo.k = a.k;
   qo.category = a.category;
+  qo.pixel_weight = a.pixel_weight;
+  qo.instance_weight = a.instance_weight;
+  qo.rerank_depth = a.rerank_depth;
   indexer::SnapQueryResult r;
   DTRAIN_RETURN_IF_ERROR(index->Query(product, qo, &r));
   if (a.json) {
@@ -231,6 +241,10 @@ void AddSnapCommands(CLI::App& app, int* exit_code) {
                     "detected boxes: most per snap (0: the detector config's max_detections)");
   build->add_option("--kind", b->kind, "FAISS index of each category: flat (exact), hnsw or ivf")
       ->capture_default_str();
+  build->add_option("--pixel-weight", b->pixel_weight,
+                    "the item templates' weight in the query score, 0-1 (0: the embedding alone); stored in the "
+                    "index as its default")
+      ->capture_default_str();
   build->add_option("--threads", b->threads, "torch threads (0: every core)");
   build->add_flag("--no-progress", b->no_progress, "no progress bars");
   OnRun(build, "dtrain snap index build", exit_code, [b] { return BuildSnaps(*b); });
@@ -254,6 +268,14 @@ void AddSnapCommands(CLI::App& app, int* exit_code) {
   query->add_option("--out", q->out,
                     "write a picture (PNG): the product, then the top snaps with the matched box in green and "
                     "the other items in orange");
+  query->add_option("--pixel-weight", q->pixel_weight,
+                    "the item templates' weight in the score, 0-1 (-1: the index's)")
+      ->capture_default_str();
+  query->add_option("--instance-weight", q->instance_weight,
+                    "bonus for an item whose template matches the product's (0: none)")
+      ->capture_default_str();
+  query->add_option("--rerank-depth", q->rerank_depth, "embedding candidates compared by template, at least")
+      ->capture_default_str();
   query->add_option("--threads", q->threads, "torch threads (0: every core)");
   OnRun(query, "dtrain snap query", exit_code, [q] { return QuerySnaps(*q); });
 }

@@ -42,6 +42,10 @@ namespace {
 constexpr const char* kSnapIndexFile = "snap_index.json";
 constexpr const char* kDetectorFile = "detector.pt";
 constexpr int kSnapIndexFormat = 1;
+// snap_index.json's pixel_descriptor.kind of item templates (an index
+// written before them has 14x14 float descriptors without a kind: it opens
+// with pixel weight 0).
+constexpr const char* kTemplateKind = "item_template_masked_ncc";
 
 double Since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -161,36 +165,93 @@ struct CategoryItems {
   internal::LoadedModel* model = nullptr;
   std::string model_source;
   std::vector<float> vectors;
-  std::vector<float> pixels;  // kPixelDescriptorDim per item
+  std::vector<uint8_t> templates;  // kItemTemplatePixels per item
   double embed_seconds = 0;
 };
 
-constexpr char kPixelMagic[8] = {'D', 'T', 'P', 'I', 'X', 'E', 'L', '1'};
-constexpr int64_t kPixelHeaderBytes = 8 + 4 + 4 + 8;
+constexpr char kTemplateMagic[8] = {'D', 'T', 'T', 'M', 'P', 'L', '0', '1'};
+constexpr int64_t kTemplateHeaderBytes = 8 + 4 + 4 + 8;
 
-int64_t PixelFileBytes(int64_t count) {
-  return kPixelHeaderBytes + count * static_cast<int64_t>(sizeof(int64_t) + kPixelDescriptorDim * sizeof(float));
+int64_t TemplateFileBytes(int64_t count) {
+  return kTemplateHeaderBytes + count * static_cast<int64_t>(sizeof(int64_t) + kItemTemplatePixels);
 }
 
-// pixels.f32 (the layout of snap_index.h), through WriteFileAtomically.
-Status WritePixelFile(const std::string& path, const std::vector<int64_t>& ids, const std::vector<float>& pixels) {
+// templates.u8 (the layout of snap_index.h), through WriteFileAtomically.
+Status WriteTemplateFile(const std::string& path, const std::vector<int64_t>& ids,
+                         const std::vector<uint8_t>& templates) {
   const int64_t count = static_cast<int64_t>(ids.size());
-  if (pixels.size() != ids.size() * kPixelDescriptorDim) {
-    return Status::Internal(path + ": " + std::to_string(pixels.size()) + " descriptor floats for " +
+  if (templates.size() != ids.size() * kItemTemplatePixels) {
+    return Status::Internal(path + ": " + std::to_string(templates.size()) + " template bytes for " +
                             std::to_string(count) + " items");
   }
   std::string bytes;
-  bytes.reserve(static_cast<size_t>(PixelFileBytes(count)));
+  bytes.reserve(static_cast<size_t>(TemplateFileBytes(count)));
   auto put = [&bytes](const void* p, size_t n) { bytes.append(static_cast<const char*>(p), n); };
-  const int32_t side = kPixelDescriptorSide, reserved = 0;
-  put(kPixelMagic, sizeof kPixelMagic);
+  const int32_t side = kItemTemplateSide, reserved = 0;
+  put(kTemplateMagic, sizeof kTemplateMagic);
   put(&side, sizeof side);
   put(&reserved, sizeof reserved);
   put(&count, sizeof count);
   put(ids.data(), ids.size() * sizeof(int64_t));
-  put(pixels.data(), pixels.size() * sizeof(float));
+  put(templates.data(), templates.size());
   return WriteFileAtomically(path, bytes);
 }
+
+// The masked normalised cross-correlation of TemplateSimilarity, prepared
+// once per product: the positions and values of its mask pixels.
+class TemplateMatcher {
+ public:
+  explicit TemplateMatcher(const data::GrayImage& product_template) {
+    const int side = kItemTemplateSide;
+    if (product_template.rows != side || product_template.cols != side) return;
+    for (int y = 0; y < side; ++y) {
+      for (int x = 0; x < side; ++x) {
+        const uint8_t v = product_template.pixels[static_cast<size_t>(y) * side + x];
+        if (v > kItemMaskThreshold) {
+          ys_.push_back(y);
+          xs_.push_back(x);
+          values_.push_back(v);
+        }
+      }
+    }
+  }
+
+  // `item`: kItemTemplatePixels bytes.
+  float Score(const uint8_t* item) const {
+    constexpr int side = kItemTemplateSide;
+    constexpr int kMinPixels = 16;
+    if (static_cast<int>(values_.size()) < kMinPixels) return 0.f;
+    double best = -1;
+    bool any = false;
+    for (int dy = -kTemplateMaxShift; dy <= kTemplateMaxShift; ++dy) {
+      for (int dx = -kTemplateMaxShift; dx <= kTemplateMaxShift; ++dx) {
+        double sq = 0, sg = 0, sqq = 0, sgg = 0, sqg = 0;
+        int n = 0;
+        for (size_t i = 0; i < values_.size(); ++i) {
+          const int y = ys_[i] + dy, x = xs_[i] + dx;
+          if (y < 0 || y >= side || x < 0 || x >= side) continue;
+          const double a = values_[i], b = item[y * side + x];
+          sq += a;
+          sg += b;
+          sqq += a * a;
+          sgg += b * b;
+          sqg += a * b;
+          ++n;
+        }
+        if (n < kMinPixels) continue;
+        const double vq = sqq - sq * sq / n, vg = sgg - sg * sg / n;
+        const double r = vq > 1e-9 && vg > 1e-9 ? (sqg - sq * sg / n) / std::sqrt(vq * vg) : 0.0;
+        best = any ? std::max(best, r) : r;
+        any = true;
+      }
+    }
+    return any ? static_cast<float>(std::clamp(best, -1.0, 1.0)) : 0.f;
+  }
+
+ private:
+  std::vector<int> ys_, xs_;
+  std::vector<float> values_;
+};
 
 void AddItem(const data::Snap& snap, int64_t ordinal, const data::SnapBox& box, int category, float score,
              int fine_class, int64_t source_index, bool normalize, IndexedSnap* indexed, CategoryItems* items) {
@@ -201,10 +262,10 @@ void AddItem(const data::Snap& snap, int64_t ordinal, const data::SnapBox& box, 
   it.category = category;
   it.score = score;
   indexed->items.push_back(it);
+  const data::GrayImage tmpl = CropSquare(snap.pixels.data(), snap.rows, snap.cols, box, kItemTemplateSide);
+  items->templates.insert(items->templates.end(), tmpl.pixels.begin(), tmpl.pixels.end());
   data::GrayImage crop = CropSquare(snap.pixels.data(), snap.rows, snap.cols, box, internal::kModelImageRows);
   if (normalize) NormalizeCrop(&crop);
-  items->pixels.resize(items->pixels.size() + kPixelDescriptorDim);
-  PixelDescriptor(crop, items->pixels.data() + items->pixels.size() - kPixelDescriptorDim);
   items->crops.images.insert(items->crops.images.end(), crop.pixels.begin(), crop.pixels.end());
   items->crops.labels.push_back(static_cast<uint8_t>(std::max(fine_class, 0)));
   ++items->crops.size;
@@ -253,7 +314,7 @@ Status WriteCategoryIndex(const std::string& dir, const std::string& category, c
   m.set_embed_images_per_sec(items.crops.size / std::max(items.embed_seconds, 1e-9));
   m.set_job_name(model.job_name);
   DTRAIN_RETURN_IF_ERROR(index->Save(dir + "/index.faiss"));
-  DTRAIN_RETURN_IF_ERROR(WritePixelFile(dir + "/" + kPixelDescriptorFile, items.ids, items.pixels));
+  DTRAIN_RETURN_IF_ERROR(WriteTemplateFile(dir + "/" + kItemTemplateFile, items.ids, items.templates));
   {
     std::unique_ptr<MetadataStore> meta;
     DTRAIN_RETURN_IF_ERROR(MetadataStore::Create(dir + "/meta", &meta));
@@ -377,43 +438,40 @@ void NormalizeCrop(data::GrayImage* image) {
   for (uint8_t& v : px) v = static_cast<uint8_t>(std::clamp(std::lround((v - background) * gain), 0L, 255L));
 }
 
-void PixelDescriptor(const data::GrayImage& crop, float* out) {
-  constexpr int kSide = kPixelDescriptorSide;
-  // Area averaging onto 14x14 (2x2 blocks of a 28x28 crop; other sizes take
-  // the blocks that floor() assigns, so any crop of at least 14x14 works).
-  double sum[kPixelDescriptorDim] = {};
-  int n[kPixelDescriptorDim] = {};
-  if (crop.rows >= 1 && crop.cols >= 1) {
-    for (int y = 0; y < crop.rows; ++y) {
-      const int by = std::min(kSide - 1, y * kSide / crop.rows);
-      for (int x = 0; x < crop.cols; ++x) {
-        const int b = by * kSide + std::min(kSide - 1, x * kSide / crop.cols);
-        sum[b] += crop.pixels[static_cast<size_t>(y) * crop.cols + x];
-        ++n[b];
-      }
+data::SnapBox ItemBounds(const data::GrayImage& image, int threshold) {
+  int x0 = image.cols, y0 = image.rows, x1 = 0, y1 = 0;
+  for (int y = 0; y < image.rows; ++y) {
+    for (int x = 0; x < image.cols; ++x) {
+      if (image.pixels[static_cast<size_t>(y) * image.cols + x] <= threshold) continue;
+      x0 = std::min(x0, x);
+      y0 = std::min(y0, y);
+      x1 = std::max(x1, x + 1);
+      y1 = std::max(y1, y + 1);
     }
   }
-  double mean = 0;
-  for (int i = 0; i < kPixelDescriptorDim; ++i) {
-    sum[i] = n[i] ? sum[i] / n[i] : 0;
-    mean += sum[i];
+  data::SnapBox box;
+  if (x1 <= x0) {
+    box.x1 = static_cast<float>(image.cols);
+    box.y1 = static_cast<float>(image.rows);
+    return box;
   }
-  mean /= kPixelDescriptorDim;
-  // The mean is subtracted: every crop is non-negative, so without it any
-  // two items share a positive offset that lifts their cosine and squeezes
-  // the pixel term's range against the embedding's; centred, the cosine
-  // measures the shape, and a background level left by NormalizeCrop
-  // cancels. On the tests' snaps (ground-truth boxes, clean sources as
-  // queries) it is a little better: instance Recall@1 0.69 vs 0.67 at
-  // weight 0.5. (Tried and worse there: a 3x3 blur of the 14x14 grid, 0.58;
-  // crops widened by 1.15-1.3x, 0.56-0.55.)
-  double norm = 0;
-  for (int i = 0; i < kPixelDescriptorDim; ++i) {
-    sum[i] -= mean;
-    norm += sum[i] * sum[i];
+  box.x0 = static_cast<float>(x0);
+  box.y0 = static_cast<float>(y0);
+  box.x1 = static_cast<float>(x1);
+  box.y1 = static_cast<float>(y1);
+  return box;
+}
+
+data::GrayImage ProductTemplate(const data::GrayImage& product) {
+  return CropSquare(product.pixels.data(), product.rows, product.cols, ItemBounds(product), kItemTemplateSide);
+}
+
+float TemplateSimilarity(const data::GrayImage& product_template, const data::GrayImage& item_template) {
+  if (item_template.rows != kItemTemplateSide || item_template.cols != kItemTemplateSide ||
+      item_template.pixels.size() != static_cast<size_t>(kItemTemplatePixels)) {
+    return 0.f;
   }
-  norm = std::sqrt(norm);
-  for (int i = 0; i < kPixelDescriptorDim; ++i) out[i] = norm > 1e-9 ? static_cast<float>(sum[i] / norm) : 0.f;
+  return TemplateMatcher(product_template).Score(item_template.pixels.data());
 }
 
 Status BuildSnapIndex(const SnapIndexOptions& o, SnapIndexSummary* summary) {
@@ -674,11 +732,11 @@ Status BuildSnapIndex(const SnapIndexOptions& o, SnapIndexSummary* summary) {
   root["boxes"] = SnapBoxesName(o.boxes);
   root["normalize_crops"] = o.normalize_crops;
   root["pixel_weight"] = o.pixel_weight;
-  root["pixel_descriptor"] = {{"file", kPixelDescriptorFile},
-                              {"side", kPixelDescriptorSide},
-                              {"area_average", true},
-                              {"mean_subtracted", true},
-                              {"l2_normalized", true}};
+  root["pixel_descriptor"] = {{"kind", kTemplateKind},
+                              {"file", kItemTemplateFile},
+                              {"side", kItemTemplateSide},
+                              {"mask_threshold", kItemMaskThreshold},
+                              {"max_shift", kTemplateMaxShift}};
   root["categories"] = std::move(cats);
   if (detector) {
     DTRAIN_RETURN_IF_ERROR(worker::SaveModel(*detector, detector_config, building + "/" + kDetectorFile));
@@ -740,28 +798,29 @@ struct SnapIndex::Detector {
 
 struct SnapIndex::Pixels {
   std::unordered_map<int64_t, int64_t> row_of;  // item id -> row
-  std::vector<float> rows;                      // kPixelDescriptorDim per row
+  std::vector<uint8_t> rows;                    // kItemTemplatePixels per row
 
-  const float* Find(int64_t id) const {
+  const uint8_t* Find(int64_t id) const {
     auto it = row_of.find(id);
-    return it == row_of.end() ? nullptr : rows.data() + it->second * kPixelDescriptorDim;
+    return it == row_of.end() ? nullptr : rows.data() + it->second * kItemTemplatePixels;
   }
 };
 
 namespace {
 
-// Reads pixels.f32 of a category of `count` items; Corruption (naming the
-// file) unless it is whole and agrees with the count.
-Status ReadPixelFile(const std::string& path, int64_t count, std::vector<int64_t>* ids, std::vector<float>* rows) {
+// Reads templates.u8 of a category of `count` items; Corruption (naming
+// the file) unless it is whole and agrees with the count.
+Status ReadTemplateFile(const std::string& path, int64_t count, std::vector<int64_t>* ids,
+                        std::vector<uint8_t>* rows) {
   std::error_code ec;
-  if (!fs::is_regular_file(path, ec)) return Status::Corruption(path + " is missing (the pixel descriptors)");
+  if (!fs::is_regular_file(path, ec)) return Status::Corruption(path + " is missing (the item templates)");
   const int64_t size = static_cast<int64_t>(fs::file_size(path, ec));
   if (ec) return Status::IOError("cannot stat " + path + ": " + ec.message());
-  if (size != PixelFileBytes(count)) {
+  if (size != TemplateFileBytes(count)) {
     return Status::Corruption(path + " has " + std::to_string(size) + " bytes but " + std::to_string(count) +
-                              " items of " + std::to_string(kPixelDescriptorSide) + "x" +
-                              std::to_string(kPixelDescriptorSide) + " descriptors take " +
-                              std::to_string(PixelFileBytes(count)));
+                              " items of " + std::to_string(kItemTemplateSide) + "x" +
+                              std::to_string(kItemTemplateSide) + " templates take " +
+                              std::to_string(TemplateFileBytes(count)));
   }
   std::ifstream in(path, std::ios::binary);
   char magic[8];
@@ -771,19 +830,18 @@ Status ReadPixelFile(const std::string& path, int64_t count, std::vector<int64_t
   in.read(reinterpret_cast<char*>(&side), sizeof side);
   in.read(reinterpret_cast<char*>(&reserved), sizeof reserved);
   in.read(reinterpret_cast<char*>(&n), sizeof n);
-  if (!in || std::memcmp(magic, kPixelMagic, sizeof magic) != 0) {
-    return Status::Corruption(path + " is not a pixel descriptor file (bad header)");
+  if (!in || std::memcmp(magic, kTemplateMagic, sizeof magic) != 0) {
+    return Status::Corruption(path + " is not an item template file (bad header)");
   }
-  if (side != kPixelDescriptorSide || n != count) {
-    return Status::Corruption(path + " holds " + std::to_string(n) + " descriptors of side " + std::to_string(side) +
-                              ", expected " + std::to_string(count) + " of side " +
-                              std::to_string(kPixelDescriptorSide));
+  if (side != kItemTemplateSide || n != count) {
+    return Status::Corruption(path + " holds " + std::to_string(n) + " templates of side " + std::to_string(side) +
+                              ", expected " + std::to_string(count) + " of side " + std::to_string(kItemTemplateSide));
   }
   ids->resize(static_cast<size_t>(count));
-  rows->resize(static_cast<size_t>(count) * kPixelDescriptorDim);
+  rows->resize(static_cast<size_t>(count) * kItemTemplatePixels);
   in.read(reinterpret_cast<char*>(ids->data()), static_cast<std::streamsize>(ids->size() * sizeof(int64_t)));
-  in.read(reinterpret_cast<char*>(rows->data()), static_cast<std::streamsize>(rows->size() * sizeof(float)));
-  if (!in) return Status::Corruption("cannot read the " + std::to_string(count) + " descriptors of " + path);
+  in.read(reinterpret_cast<char*>(rows->data()), static_cast<std::streamsize>(rows->size()));
+  if (!in) return Status::Corruption("cannot read the " + std::to_string(count) + " templates of " + path);
   return Status::OK();
 }
 
@@ -842,13 +900,20 @@ Status SnapIndex::Open(const SnapIndexOpenOptions& options, std::unique_ptr<Snap
       detector_source = root["detector"].at("source").get<std::string>();
     }
     s->normalize_crops_ = root.at("normalize_crops").get<bool>();
-    if (root.contains("pixel_descriptor")) {
+    if (root.contains("pixel_descriptor") && !root.at("pixel_descriptor").contains("kind")) {
+      spdlog::warn("{}: written before item templates (its 14x14 pixel descriptors are no longer used): queries "
+                   "rank by the embedding alone; build the index again to re-rank",
+                   path);
+    } else if (root.contains("pixel_descriptor")) {
       const json& pd = root.at("pixel_descriptor");
       pixel_file = pd.at("file").get<std::string>();
-      if (pd.at("side").get<int>() != kPixelDescriptorSide || !pd.at("mean_subtracted").get<bool>()) {
-        return Status::Corruption(path + ": pixel descriptors of side " + std::to_string(pd.at("side").get<int>()) +
-                                  " are not this dtrain's (" + std::to_string(kPixelDescriptorSide) +
-                                  ", mean subtracted)");
+      if (pd.at("kind").get<std::string>() != kTemplateKind || pd.at("side").get<int>() != kItemTemplateSide ||
+          pd.at("mask_threshold").get<int>() != kItemMaskThreshold ||
+          pd.at("max_shift").get<int>() != kTemplateMaxShift) {
+        return Status::Corruption(path + ": pixel_descriptor " + pd.dump() + " is not this dtrain's (" + kTemplateKind +
+                                  ", side " + std::to_string(kItemTemplateSide) + ", mask_threshold " +
+                                  std::to_string(kItemMaskThreshold) + ", max_shift " +
+                                  std::to_string(kTemplateMaxShift) + ")");
       }
       s->pixel_weight_ = root.at("pixel_weight").get<float>();
       if (!(s->pixel_weight_ >= 0 && s->pixel_weight_ <= 1)) {
@@ -911,7 +976,7 @@ Status SnapIndex::Open(const SnapIndexOpenOptions& options, std::unique_ptr<Snap
     auto px = std::make_unique<Pixels>();
     std::vector<int64_t> ids;
     const std::string pixel_path = (fs::path(so.index_dir) / pixel_file).string();
-    DTRAIN_RETURN_IF_ERROR(ReadPixelFile(pixel_path, category_items[c], &ids, &px->rows));
+    DTRAIN_RETURN_IF_ERROR(ReadTemplateFile(pixel_path, category_items[c], &ids, &px->rows));
     for (size_t r = 0; r < ids.size(); ++r) {
       if (!px->row_of.emplace(ids[r], static_cast<int64_t>(r)).second) {
         return Status::Corruption(pixel_path + " lists item " + std::to_string(ids[r]) + " twice");
@@ -1039,11 +1104,21 @@ Status SnapIndex::QueryBatch(const std::vector<data::GrayImage>& products, const
   if (options.rerank_depth < 0) {
     return Status::InvalidArgument("rerank_depth must be >= 0, got " + std::to_string(options.rerank_depth));
   }
+  if (!(options.instance_weight >= 0 && options.instance_weight <= 1)) {
+    return Status::InvalidArgument("instance_weight must be in [0, 1], got " + std::to_string(options.instance_weight));
+  }
+  if (!(options.instance_threshold >= 0 && options.instance_threshold < 1)) {
+    return Status::InvalidArgument("instance_threshold must be in [0, 1), got " +
+                                   std::to_string(options.instance_threshold));
+  }
   const float w = options.pixel_weight == -1.f ? pixel_weight_ : options.pixel_weight;
-  if (w > 0) {
+  // Templates are compared when either pixel term counts.
+  const bool match = w > 0 || options.instance_weight > 0;
+  const float gamma = options.instance_weight, tau = options.instance_threshold;
+  if (match) {
     for (size_t c = 0; c < pixels_.size(); ++c) {
       if (searchers_[c] && !pixels_[c]) {
-        return Status::FailedPrecondition(dir_ + " has no pixel descriptors (written before them): query it with "
+        return Status::FailedPrecondition(dir_ + " has no item templates (written before them): query it with "
                                           "pixel_weight 0, or build it again");
       }
     }
@@ -1104,15 +1179,11 @@ Status SnapIndex::QueryBatch(const std::vector<data::GrayImage>& products, const
     float embedding;
     float pixel;
   };
-  // The products' pixel descriptors (step 4), of the input as embedded.
-  std::vector<float> product_pixels;
-  if (w > 0) {
-    product_pixels.resize(n * kPixelDescriptorDim);
-    for (size_t i = 0; i < n; ++i) {
-      data::GrayImage in = inputs[i];
-      if (normalize_crops_) NormalizeCrop(&in);
-      PixelDescriptor(in, product_pixels.data() + i * kPixelDescriptorDim);
-    }
+  // The products' templates (step 4), of the raw product images.
+  std::vector<TemplateMatcher> matchers;
+  if (match) {
+    matchers.reserve(n);
+    for (size_t i = 0; i < n; ++i) matchers.emplace_back(ProductTemplate(products[i]));
   }
   std::vector<std::vector<Candidate>> candidates(n);
   for (size_t c = 0; c < categories_.size(); ++c) {
@@ -1146,7 +1217,7 @@ Status SnapIndex::QueryBatch(const std::vector<data::GrayImage>& products, const
     // rerank_depth when re-ranking), deepen the queries that found fewer
     // snaps until the index is exhausted.
     int64_t depth = 4 * static_cast<int64_t>(k) + 16;
-    if (w > 0) depth = std::max<int64_t>(depth, options.rerank_depth);
+    if (match) depth = std::max<int64_t>(depth, options.rerank_depth);
     depth = std::min<int64_t>(count, depth);
     const Pixels* pixels = pixels_[c].get();
     std::vector<size_t> pending(which.size());
@@ -1168,17 +1239,17 @@ Status SnapIndex::QueryBatch(const std::vector<data::GrayImage>& products, const
           const int64_t id = ids[p * static_cast<size_t>(depth) + static_cast<size_t>(j)];
           if (id < 0) break;
           const float e = scores[p * static_cast<size_t>(depth) + static_cast<size_t>(j)];
-          float px = 0;
-          if (w > 0) {
-            const float* d = pixels->Find(id);
-            if (!d) {
+          float px = 0, bonus = 0;
+          if (match) {
+            const uint8_t* item = pixels->Find(id);
+            if (!item) {
               return Status::Corruption(dir_ + ": item " + std::to_string(id) + " of category " + categories_[c] +
-                                        " has no pixel descriptor in " + kPixelDescriptorFile);
+                                        " has no template in " + kItemTemplateFile);
             }
-            const float* q = product_pixels.data() + which[pending[p]] * kPixelDescriptorDim;
-            for (int t = 0; t < kPixelDescriptorDim; ++t) px += d[t] * q[t];
+            px = matchers[which[pending[p]]].Score(item);
+            bonus = gamma * std::clamp((px - tau) / (1 - tau), 0.f, 1.f);
           }
-          found.push_back({(1 - w) * e + w * px, id, static_cast<int>(c), e, px});
+          found.push_back({(1 - w) * e + w * px + bonus, id, static_cast<int>(c), e, px});
           distinct.insert(id / kMaxItemsPerSnap);
         }
         if (static_cast<int>(distinct.size()) < k && depth < count) {

@@ -341,7 +341,7 @@ TEST_F(SnapIndexTest, GroundTruthIndexFindsTheSnapOfEveryItem) {
       const SnapMatch& m = r.matches[0];
       EXPECT_EQ(m.snap_id, snaps[i].id);
       EXPECT_EQ(m.file_name, snaps[i].file_name);
-      EXPECT_NEAR(m.similarity, 1.0, 1e-4);
+      EXPECT_NEAR(m.embedding_similarity, 1.0, 1e-4);
       EXPECT_EQ(m.item.box.x0, it.box.x0);
       EXPECT_EQ(m.item.box.y0, it.box.y0);
       EXPECT_EQ(m.fine_class, it.fine_class);
@@ -363,11 +363,12 @@ TEST_F(SnapIndexTest, GroundTruthIndexFindsTheSnapOfEveryItem) {
       ASSERT_FALSE(all.matches.empty());
       EXPECT_EQ(all.matches[0].snap_id, snaps[i].id);
       // The clean source image (28x28, no background, another scale), by
-      // the embedder alone (PixelDescriptorReRankingFindsTheVeryItem tests
-      // the re-ranking).
+      // the embedder alone (TemplateReRankingFindsTheVeryItem tests the
+      // re-ranking).
       SnapQueryResult clean;
       qo.category = Coarse()[static_cast<size_t>(it.category)];
       qo.pixel_weight = 0;
+      qo.instance_weight = 0;
       ASSERT_TRUE(index->Query(SourceImage(it.source_index), qo, &clean).ok());
       ++queries;
       for (const SnapMatch& cm : clean.matches) clean_hits += cm.snap_id == snaps[i].id ? 1 : 0;
@@ -404,6 +405,7 @@ TEST_F(SnapIndexTest, GroundTruthIndexFindsTheSnapOfEveryItem) {
       qo.k = 3;
       qo.category = Coarse()[static_cast<size_t>(it.category)];
       qo.pixel_weight = 0;
+      qo.instance_weight = 0;
       SnapQueryResult r;
       ASSERT_TRUE(raw->Query(SourceImage(it.source_index), qo, &r).ok());
       for (const SnapMatch& m : r.matches) raw_hits += m.snap_id == snaps[i].id ? 1 : 0;
@@ -523,7 +525,7 @@ TEST_F(SnapIndexTest, WholeSnapIndexHoldsOneItemPerSnap) {
   EXPECT_EQ(r.category_source, "only");
   ASSERT_EQ(r.matches.size(), 5u);
   EXPECT_EQ(r.matches[0].snap_id, snaps[3].id);
-  EXPECT_NEAR(r.matches[0].similarity, 1.0, 1e-4);
+  EXPECT_NEAR(r.matches[0].embedding_similarity, 1.0, 1e-4);
 
   // Whole snaps use no detector and no per-category embedders.
   o.detector = MakeDetector("det");
@@ -714,25 +716,115 @@ TEST_F(SnapIndexTest, QueriesCheckTheirArguments) {
   EXPECT_EQ(index->PredictCategory(SourceImage(0), &c, &s).code(), Status::Code::kFailedPrecondition);
 }
 
-TEST_F(SnapIndexTest, PixelDescriptorReRankingFindsTheVeryItem) {
+TEST_F(SnapIndexTest, ItemBoundsAndProductTemplateFindTheProductsPixels) {
+  data::GrayImage g;
+  g.rows = 10;
+  g.cols = 12;
+  g.pixels.assign(120, 20);  // at the threshold: background
+  g.pixels[2 * 12 + 3] = 21;
+  g.pixels[6 * 12 + 8] = 200;
+  const data::SnapBox b = ItemBounds(g);
+  EXPECT_EQ(b.x0, 3);
+  EXPECT_EQ(b.y0, 2);
+  EXPECT_EQ(b.x1, 9);
+  EXPECT_EQ(b.y1, 7);
+  // Nothing above the threshold: the whole image.
+  g.pixels.assign(120, 5);
+  const data::SnapBox w = ItemBounds(g);
+  EXPECT_EQ(w.x0, 0);
+  EXPECT_EQ(w.y0, 0);
+  EXPECT_EQ(w.x1, 12);
+  EXPECT_EQ(w.y1, 10);
+  // A product's template is the square crop of its tight box.
+  const data::GrayImage src = SourceImage(0);
+  const data::GrayImage t = ProductTemplate(src);
+  EXPECT_EQ(t.rows, kItemTemplateSide);
+  EXPECT_EQ(t.cols, kItemTemplateSide);
+  const data::GrayImage direct = CropSquare(src.pixels.data(), src.rows, src.cols, ItemBounds(src), kItemTemplateSide);
+  EXPECT_EQ(t.pixels, direct.pixels);
+}
+
+TEST_F(SnapIndexTest, TemplateSimilarityIgnoresBrightnessAndBackgroundButNotTheImage) {
+  // Each test image placed alone on a textured background, 1.4x its size
+  // and 0.75x as bright, and cut out by its tight box, as an item template
+  // of a snap: it matches its own product template almost perfectly and
+  // other images of its class clearly less.
+  auto item_template = [&](int64_t index) {
+    const data::GrayImage src = SourceImage(index);
+    const int side = 64;
+    std::vector<uint8_t> canvas(side * side);
+    for (int y = 0; y < side; ++y) {
+      for (int x = 0; x < side; ++x) canvas[y * side + x] = static_cast<uint8_t>(40 + ((x / 3 + y / 5) % 2) * 50);
+    }
+    const data::GrayImage big = CropSquare(src.pixels.data(), 28, 28, data::SnapBox{0, 0, 28, 28}, 39);
+    for (int y = 0; y < 39; ++y) {
+      for (int x = 0; x < 39; ++x) {
+        const uint8_t v = big.pixels[y * 39 + x];
+        if (v > kItemMaskThreshold) canvas[(y + 10) * side + x + 12] = static_cast<uint8_t>(v * 0.75);
+      }
+    }
+    data::SnapBox box = ItemBounds(big);  // the tight box, moved to where the item is
+    box.x0 += 12;
+    box.x1 += 12;
+    box.y0 += 10;
+    box.y1 += 10;
+    return CropSquare(canvas.data(), side, side, box, kItemTemplateSide);
+  };
+  int same = 0, pairs = 0;
+  double own = 0, other = 0;
+  for (int64_t i = 0; i < 40; ++i) {
+    const data::GrayImage product = ProductTemplate(SourceImage(i));
+    const float self = TemplateSimilarity(product, item_template(i));
+    // Faint pixels of the product (just over the threshold) show the
+    // background in the snap (the generator draws item pixels over the
+    // threshold only, after scaling): not every image reaches 0.9.
+    EXPECT_GT(self, 0.8f) << "image " << i;
+    own += self;
+    // The next image of the same class.
+    for (int64_t j = i + 1; j < test_split_->size; ++j) {
+      if (test_split_->labels[static_cast<size_t>(j)] != test_split_->labels[static_cast<size_t>(i)]) continue;
+      const float o = TemplateSimilarity(product, item_template(j));
+      other += o;
+      same += self > o ? 1 : 0;
+      ++pairs;
+      break;
+    }
+  }
+  std::printf("template similarity: own image %.3f, another of its class %.3f (mean); own higher in %d of %d\n",
+              own / 40, other / pairs, same, pairs);
+  EXPECT_GT(own / 40, 0.9);
+  EXPECT_GE(same, pairs - 1);
+  EXPECT_GT(own / 40 - other / pairs, 0.1);
+  // A uniform item, a uniform product and wrong sizes score 0.
+  data::GrayImage flat;
+  flat.rows = flat.cols = kItemTemplateSide;
+  flat.pixels.assign(kItemTemplatePixels, 90);
+  const data::GrayImage product = ProductTemplate(SourceImage(0));
+  EXPECT_EQ(TemplateSimilarity(product, flat), 0.f);
+  EXPECT_EQ(TemplateSimilarity(flat, item_template(0)), 0.f);
+  EXPECT_EQ(TemplateSimilarity(product, SourceImage(0)), 0.f);  // 28x28, not a template
+}
+
+TEST_F(SnapIndexTest, TemplateReRankingFindsTheVeryItem) {
   std::vector<data::Snap> snaps;
   const std::string snap_dir = MakeSnapDir("snaps", 24, &snaps);
   SnapIndexOptions o = Options(snap_dir, (dir_ / "index").string());
   o.boxes = SnapBoxes::kGroundTruth;
   o.embedder = TrainedEmbedderRun();
-  ASSERT_EQ(o.pixel_weight, 0.5f);
+  ASSERT_EQ(o.pixel_weight, 0.2f);
   ASSERT_TRUE(BuildSnapIndex(o, nullptr).ok());
   auto index = Open(o.output_dir);
   ASSERT_TRUE(index);
-  EXPECT_EQ(index->pixel_weight(), 0.5f);
+  EXPECT_EQ(index->pixel_weight(), 0.2f);
   {
     std::ifstream in(fs::path(o.output_dir) / "snap_index.json");
     const nlohmann::json root = nlohmann::json::parse(in);
-    EXPECT_EQ(root.at("pixel_weight").get<float>(), 0.5f);
-    EXPECT_EQ(root.at("pixel_descriptor").at("side").get<int>(), kPixelDescriptorSide);
+    EXPECT_EQ(root.at("pixel_weight").get<float>(), 0.2f);
+    EXPECT_EQ(root.at("pixel_descriptor").at("side").get<int>(), kItemTemplateSide);
+    EXPECT_EQ(root.at("pixel_descriptor").at("file").get<std::string>(), kItemTemplateFile);
   }
   // Clean source images as queries, by the embedding alone and re-ranked.
-  auto recall = [&](float weight, int k) {
+  auto recall = [&](float weight, float bonus, int k) {
     int hits = 0, queries = 0;
     for (size_t i = 0; i < snaps.size(); ++i) {
       for (const data::SnapItem& it : snaps[i].items) {
@@ -740,13 +832,20 @@ TEST_F(SnapIndexTest, PixelDescriptorReRankingFindsTheVeryItem) {
         qo.k = k;
         qo.category = Coarse()[static_cast<size_t>(it.category)];
         qo.pixel_weight = weight;
+        qo.instance_weight = bonus;
         SnapQueryResult r;
         Status st = index->Query(SourceImage(it.source_index), qo, &r);
         EXPECT_TRUE(st.ok()) << st;
         const float w = weight < 0 ? index->pixel_weight() : weight;
         for (size_t j = 0; j < r.matches.size(); ++j) {
           const SnapMatch& m = r.matches[j];
-          EXPECT_NEAR(m.similarity, (1 - w) * m.embedding_similarity + w * m.pixel_similarity, 1e-5);
+          const float t = m.pixel_similarity;
+          const float expected = (1 - w) * m.embedding_similarity + w * t +
+                                 bonus * std::clamp((t - qo.instance_threshold) / (1 - qo.instance_threshold), 0.f, 1.f);
+          EXPECT_NEAR(m.similarity, expected, 1e-5);
+          if (weight == 0 && bonus == 0) {
+            EXPECT_EQ(t, 0.f);  // not computed
+          }
           if (j > 0) {
             EXPECT_LE(m.similarity, r.matches[j - 1].similarity);
           }
@@ -757,18 +856,22 @@ TEST_F(SnapIndexTest, PixelDescriptorReRankingFindsTheVeryItem) {
     }
     return static_cast<double>(hits) / queries;
   };
-  const double embedding1 = recall(0, 1), pixels1 = recall(-1, 1);
-  const double embedding3 = recall(0, 3), pixels3 = recall(0.5f, 3);
-  std::printf("instance recall@1 %.3f -> %.3f, recall@3 %.3f -> %.3f with pixel descriptors\n", embedding1, pixels1,
-              embedding3, pixels3);
-  // 0.40 -> 0.69 and 0.80 -> 0.84 when written: the pixels tell instances
-  // apart where the class-trained embedder cannot; what they still miss are
-  // mostly partly hidden or small (blurred when enlarged) items.
-  EXPECT_GE(pixels1, embedding1 + 0.15);
-  EXPECT_GE(pixels3, embedding3);
-  EXPECT_GE(pixels3, 0.8);
+  const float bonus = SnapQueryOptions().instance_weight;
+  const double embedding1 = recall(0, 0, 1), templates1 = recall(-1, bonus, 1), linear1 = recall(0.5f, 0, 1);
+  const double embedding3 = recall(0, 0, 3), templates3 = recall(-1, bonus, 3);
+  std::printf("instance recall@1 %.3f -> %.3f (linear term alone, weight 0.5: %.3f), recall@3 %.3f -> %.3f with "
+              "item templates\n",
+              embedding1, templates1, linear1, embedding3, templates3);
+  // The templates tell instances apart where the class-trained embedder
+  // cannot.
+  EXPECT_GE(templates1, embedding1 + 0.2);
+  EXPECT_GE(templates1, 0.85);
+  EXPECT_GE(templates3, embedding3);
+  EXPECT_GE(templates3, 0.9);
+  EXPECT_GE(linear1, embedding1 + 0.1);
 
-  // Weights outside [0, 1] are refused, when building and when querying.
+  // Weights outside their ranges are refused, when building and when
+  // querying.
   SnapQueryOptions qo;
   qo.k = 3;
   for (float bad : {-0.5f, 1.5f, std::nanf("")}) {
@@ -777,6 +880,17 @@ TEST_F(SnapIndexTest, PixelDescriptorReRankingFindsTheVeryItem) {
     Status st = index->Query(SourceImage(0), qo, &r);
     EXPECT_EQ(st.code(), Status::Code::kInvalidArgument) << bad;
     EXPECT_THAT(st.message(), HasSubstr("pixel_weight"));
+    qo.pixel_weight = -1;
+    qo.instance_weight = bad;
+    st = index->Query(SourceImage(0), qo, &r);
+    EXPECT_EQ(st.code(), Status::Code::kInvalidArgument) << bad;
+    EXPECT_THAT(st.message(), HasSubstr("instance_weight"));
+    qo.instance_weight = 0.5f;
+    qo.instance_threshold = bad;
+    st = index->Query(SourceImage(0), qo, &r);
+    EXPECT_EQ(st.code(), Status::Code::kInvalidArgument) << bad;
+    EXPECT_THAT(st.message(), HasSubstr("instance_threshold"));
+    qo.instance_threshold = 0.7f;
     SnapIndexOptions b = o;
     b.pixel_weight = bad;
     b.output_dir = (dir_ / "bad_weight").string();
@@ -785,13 +899,54 @@ TEST_F(SnapIndexTest, PixelDescriptorReRankingFindsTheVeryItem) {
     EXPECT_THAT(st.message(), HasSubstr("pixel_weight"));
     EXPECT_TRUE(NothingWritten(b.output_dir));
   }
-  qo.pixel_weight = -1;
-  qo.rerank_depth = -1;
+  qo.instance_threshold = 1;
   SnapQueryResult r;
+  EXPECT_EQ(index->Query(SourceImage(0), qo, &r).code(), Status::Code::kInvalidArgument);
+  qo.instance_threshold = 0.7f;
+  qo.rerank_depth = -1;
   EXPECT_EQ(index->Query(SourceImage(0), qo, &r).code(), Status::Code::kInvalidArgument);
 }
 
-TEST_F(SnapIndexTest, DamagedPixelDescriptorsAreReportedAsCorruption) {
+TEST_F(SnapIndexTest, AnIndexWithoutTemplatesOpensAndRanksByTheEmbedding) {
+  // An index written before item templates: snap_index.json names the old
+  // 14x14 descriptors (no kind) and there is no templates.u8.
+  const std::string snap_dir = MakeSnapDir("snaps", 6);
+  SnapIndexOptions o = Options(snap_dir, (dir_ / "index").string());
+  o.boxes = SnapBoxes::kGroundTruth;
+  o.embedder = MakeEmbedderRun("emb");
+  ASSERT_TRUE(BuildSnapIndex(o, nullptr).ok());
+  const fs::path json_path = fs::path(o.output_dir) / "snap_index.json";
+  nlohmann::ordered_json root;
+  {
+    std::ifstream in(json_path);
+    root = nlohmann::ordered_json::parse(in);
+  }
+  root["pixel_weight"] = 0.5;
+  root["pixel_descriptor"] = {{"file", "pixels.f32"}, {"side", 14}, {"mean_subtracted", true}};
+  {
+    std::ofstream out(json_path, std::ios::trunc);
+    out << root.dump(2);
+  }
+  for (const auto& e : fs::directory_iterator(fs::path(o.output_dir) / "categories")) {
+    fs::remove(e.path() / kItemTemplateFile);
+  }
+  auto index = Open(o.output_dir);
+  ASSERT_TRUE(index);
+  EXPECT_EQ(index->pixel_weight(), 0.f);
+  SnapQueryOptions qo;
+  qo.k = 2;
+  qo.category = "tops";
+  SnapQueryResult r;
+  Status st = index->Query(SourceImage(0), qo, &r);  // the instance bonus needs templates
+  EXPECT_EQ(st.code(), Status::Code::kFailedPrecondition) << st;
+  EXPECT_THAT(st.message(), HasSubstr("build it again"));
+  qo.instance_weight = 0;
+  st = index->Query(SourceImage(0), qo, &r);
+  EXPECT_TRUE(st.ok()) << st;
+  EXPECT_FALSE(r.matches.empty());
+}
+
+TEST_F(SnapIndexTest, DamagedTemplatesAreReportedAsCorruption) {
   const std::string snap_dir = MakeSnapDir("snaps", 6);
   SnapIndexOptions o = Options(snap_dir, (dir_ / "index").string());
   o.boxes = SnapBoxes::kGroundTruth;
@@ -800,7 +955,7 @@ TEST_F(SnapIndexTest, DamagedPixelDescriptorsAreReportedAsCorruption) {
   ASSERT_TRUE(Open(o.output_dir));
   fs::path file;
   for (const auto& e : fs::directory_iterator(fs::path(o.output_dir) / "categories")) {
-    if (fs::exists(e.path() / kPixelDescriptorFile)) file = e.path() / kPixelDescriptorFile;
+    if (fs::exists(e.path() / kItemTemplateFile)) file = e.path() / kItemTemplateFile;
   }
   ASSERT_FALSE(file.empty());
   const auto size = fs::file_size(file);

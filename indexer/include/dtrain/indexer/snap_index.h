@@ -36,9 +36,8 @@
 //     Recall@3 of a briefly trained embedder from about 0.4 to 0.8).
 //  5. Embed the crops with their category's embedder (batches, all cores,
 //     eval mode, no gradients; unit rows, so inner product is cosine), and
-//     compute every crop's pixel descriptor (PixelDescriptor: the same
-//     28x28 crop, after NormalizeCrop when normalising, area-averaged to
-//     14x14, its mean subtracted, L2-normalised; 196 floats).
+//     keep every item's template: CropSquare of the raw snap (no
+//     NormalizeCrop) at kItemTemplateSide x kItemTemplateSide.
 //  6. Per category with items, an ordinary index directory (the layout of
 //     index_builder.h: model.pt, index.faiss, meta/, manifest.textproto)
 //     under categories/<i>_<name>/: `dtrain index query` works on each. Item
@@ -47,11 +46,11 @@
 //     the metadata store maps each id to ItemMeta {label: fine class or -1,
 //     label_name: its Fashion-MNIST name, source: the snap's file name,
 //     dataset_index: the item's source index or -1}. Beside them,
-//     pixels.f32: the pixel descriptors of the category's items (format:
-//     PixelDescriptorFile below).
+//     templates.u8: the item templates of the category's items (format:
+//     kItemTemplateFile below).
 //  7. detector.pt (the detector, with its config; DETECTED and GROUND_TRUTH
 //     with a detector) and snap_index.json last: the format version, the
-//     settings (pixel_weight and the pixel descriptor's size among them),
+//     settings (pixel_weight and the templates' kind and size among them),
 //     the categories and where their indexes are, the snap
 //     directory, and the snap table (id, file name, every indexed box with
 //     its category and score).
@@ -76,20 +75,29 @@
 //     items together; WHOLE_SNAP has the one category.
 //  3. That category's index is searched for more than k items (several items
 //     may come from one snap), deeper until k distinct snaps are found or the
-//     index is exhausted; with a pixel weight w > 0, at least rerank_depth
-//     items deep (at most the category's item count).
-//  4. Re-ranking (w > 0): every candidate item is scored
-//       (1 - w) * embedding cosine + w * pixel cosine,
-//     the pixel cosine being between the item's stored pixel descriptor and
-//     that of the product's 28x28 input (normalised as in step 1). Why: the
-//     ArcFace embedders learnt the 10 Fashion-MNIST classes, so they group
-//     items by class but barely tell two shirts apart (instance Recall@5
-//     about 0.4 on bench/snaps), while the small pixel descriptor is
-//     instance-discriminative (the very item's crop looks like its source
-//     image) but knows nothing of classes; searching by the embedding first
-//     keeps its class precision in the shortlist, and the pixels pick the
-//     instance within it. With w = 0 the score is the embedding cosine alone
-//     (as before pixel descriptors existed).
+//     index is exhausted; when templates are compared (step 4), at least
+//     rerank_depth items deep (at most the category's item count).
+//  4. Re-ranking, with a pixel weight w > 0 or an instance weight g > 0:
+//     every candidate item's template is compared with the product's
+//     (TemplateSimilarity: ProductTemplate, the tight box of the product's
+//     pixels, against the item's box; masked normalised cross-correlation,
+//     t in [-1, 1]) and the item is scored
+//       (1 - w) * embedding cosine + w * t
+//         + g * clamp((t - instance_threshold) / (1 - instance_threshold), 0, 1).
+//     Why: the ArcFace embedders learnt the 10 Fashion-MNIST classes, so
+//     they group items by class but barely tell two shirts apart (instance
+//     Recall@5 about 0.4 on bench/snaps), while the template says whether
+//     an item is the very product: over the product's own pixels the snap
+//     shows the same image, rescaled and brightened, whatever the
+//     background (the very item scores 0.96 at the median, the best other
+//     item of the category 0.78, on ground-truth boxes). The linear term
+//     adds the templates' shape evidence to the embedding's class
+//     evidence; the bonus lifts items that are most likely the very
+//     product above the class ranking without letting middling template
+//     matches reorder it. The defaults (w 0.2, g 0.6, threshold 0.7) were
+//     chosen on snaps of another seed than bench/snaps's (docs/snaps.md).
+//     With w = 0 and g = 0 the score is the embedding cosine alone and no
+//     template is read.
 //  5. Snaps are ranked by their best item's score; each of the top-k snaps
 //     is returned with the matched item (box, scores, detection score,
 //     category, fine class when known); SnapIndex::snaps()[snap_ordinal]
@@ -168,11 +176,11 @@ struct SnapIndexOptions {
   // FAISS index kind of every category (HNSW and IVF take IndexConfig's
   // default parameters). Default: FLAT (exact; snap sets are small).
   IndexConfig::Kind kind = IndexConfig::FLAT;
-  // The weight w of the pixel descriptor in the query score (query step 4):
-  // (1 - w) * embedding cosine + w * pixel cosine; in [0, 1], 0 = the
-  // embedding alone. Stored in snap_index.json; queries may override it.
-  // Default: 0.5.
-  float pixel_weight = 0.5f;
+  // The weight w of the template similarity in the query score (query step
+  // 4): (1 - w) * embedding cosine + w * template similarity (+ the
+  // instance bonus); in [0, 1]. Stored in snap_index.json; queries may
+  // override it. Default: 0.2.
+  float pixel_weight = 0.2f;
   // Snaps per detector batch and crops per embedding batch.
   int detect_batch_size = 32;
   int embed_batch_size = 512;
@@ -224,23 +232,43 @@ data::GrayImage CropSquare(const uint8_t* pixels, int rows, int cols, const data
 // scales it so that its brightest pixel is 255 (a blank crop stays black).
 void NormalizeCrop(data::GrayImage* image);
 
-// The pixel descriptor (build step 5, query step 4): side = 14.
-inline constexpr int kPixelDescriptorSide = 14;
-inline constexpr int kPixelDescriptorDim = kPixelDescriptorSide * kPixelDescriptorSide;
+// The item template (build step 5, query step 4): the item's square crop
+// (CropSquare) of the raw snap at kItemTemplateSide x kItemTemplateSide.
+inline constexpr int kItemTemplateSide = 24;
+inline constexpr int kItemTemplatePixels = kItemTemplateSide * kItemTemplateSide;
+// Pixels of a product image above this value belong to the product (its
+// mask); the snap generator draws item pixels above the same value.
+inline constexpr int kItemMaskThreshold = 20;
+// Template shifts tried in each direction, in template pixels.
+inline constexpr int kTemplateMaxShift = 1;
 
-// The pixel descriptor of a 28x28 crop (as embedded: after NormalizeCrop
-// when the index normalises): each 2x2 block averaged (14x14), the mean of
-// the 196 values subtracted, then scaled to unit length (a uniform crop
-// gives zeros). Writes kPixelDescriptorDim floats to `out`.
-void PixelDescriptor(const data::GrayImage& crop28, float* out);
+// The tight box of the pixels of `image` above `threshold`; the whole image
+// when there are none.
+data::SnapBox ItemBounds(const data::GrayImage& image, int threshold = kItemMaskThreshold);
 
-// categories/<i>_<name>/pixels.f32, little-endian:
-//   char[8]  "DTPIXEL1"
-//   int32    side (14)      int32 reserved (0)
+// A product image's template: CropSquare of its ItemBounds at
+// kItemTemplateSide, the same view of the product that an item's template
+// takes of the item (the tight box of its pixels, squared).
+data::GrayImage ProductTemplate(const data::GrayImage& product);
+
+// How much `item_template` looks like the very product of
+// `product_template` (both kItemTemplateSide square): the normalised
+// cross-correlation of the two over the product's mask (its template's
+// pixels above kItemMaskThreshold), the item template shifted by up to
+// kTemplateMaxShift pixels each way to absorb box and rounding jitter, the
+// best shift kept. In [-1, 1]; 1 for the same image under any brightness
+// gain and offset (so the snaps' brightness jitter costs nothing), whatever
+// the background outside the mask shows; 0 when either side is uniform over
+// the mask or the mask has under 16 pixels.
+float TemplateSimilarity(const data::GrayImage& product_template, const data::GrayImage& item_template);
+
+// categories/<i>_<name>/templates.u8, little-endian:
+//   char[8]  "DTTMPL01"
+//   int32    side (24)      int32 reserved (0)
 //   int64    count (the category's items, as its manifest)
-//   count x int64                 item ids, in the index's item order
-//   count x side*side x float32   the descriptors, in the same order
-inline constexpr const char* kPixelDescriptorFile = "pixels.f32";
+//   count x int64             item ids, in the index's item order
+//   count x side*side x uint8  the templates, in the same order
+inline constexpr const char* kItemTemplateFile = "templates.u8";
 
 // ---- queries ---------------------------------------------------------------------
 
@@ -255,12 +283,18 @@ struct SnapQueryOptions {
   int k = 10;
   // Search this category (its name) instead of predicting it.
   std::string category;
-  // The pixel descriptor's weight in the score (query step 4), in [0, 1];
-  // -1 = the index's setting (SnapIndexOptions::pixel_weight).
+  // The template similarity's weight w in the score (query step 4), in
+  // [0, 1]; -1 = the index's setting (SnapIndexOptions::pixel_weight).
   float pixel_weight = -1;
-  // With a pixel weight > 0: embedding candidates re-ranked per category, at
-  // least (at most the category's item count). Default: 256.
-  int rerank_depth = 256;
+  // When templates are compared: embedding candidates re-ranked per
+  // category, at least (at most the category's item count). Default: 1024.
+  int rerank_depth = 1024;
+  // The instance bonus g (query step 4): instance_weight *
+  // clamp((template similarity - instance_threshold) / (1 - instance_threshold), 0, 1)
+  // is added to every candidate's score; in [0, 1], 0 turns it off;
+  // instance_threshold in [0, 1).
+  float instance_weight = 0.6f;
+  float instance_threshold = 0.7f;
 };
 
 // An item of a snap, as indexed.
@@ -282,8 +316,9 @@ struct SnapMatch {
   std::string file_name;
   // The matched item: its id in the category index, box, category and
   // detection score, and its score (query step 4: the combined score; the
-  // embedding cosine when the pixel weight is 0) with its two parts
-  // (pixel_similarity is 0, not computed, when the weight is 0).
+  // embedding cosine when no template is compared) with its two parts
+  // (pixel_similarity: the template similarity; 0, not computed, when the
+  // pixel and instance weights are both 0).
   int64_t item_id = 0;
   IndexedItem item;
   std::string category_name;
@@ -315,20 +350,22 @@ class SnapIndex {
   ~SnapIndex();
 
   // Reads snap_index.json and opens every category's index (searcher.h: the
-  // digest and size checks), its pixel descriptors and the detector.
+  // digest and size checks), its item templates and the detector.
   // NotFound for a directory that is not a snap index (a build that did not
   // finish leaves none); Corruption for a snap_index.json that does not
-  // parse or disagrees with the category indexes, or a pixels.f32 that is
+  // parse or disagrees with the category indexes, or a templates.u8 that is
   // missing, truncated or disagrees with its category's item count or ids
-  // (each naming the file).
+  // (each naming the file). An index written before item templates (with
+  // the old 14x14 pixel descriptors or none) opens with pixel_weight() 0.
   static Status Open(const SnapIndexOpenOptions& options, std::unique_ptr<SnapIndex>* out);
 
   // The top-k snaps for one product image (steps 1-4 above).
   // InvalidArgument for k out of range, an empty image, an unknown
-  // category name, a pixel_weight outside [0, 1] (other than -1) or a
-  // negative rerank_depth; FailedPrecondition for a pixel weight > 0 on an
-  // index written before pixel descriptors (its snap_index.json names none;
-  // such an index opens with pixel_weight() 0).
+  // category name, a pixel_weight outside [0, 1] (other than -1), an
+  // instance_weight outside [0, 1], an instance_threshold outside [0, 1) or
+  // a negative rerank_depth; FailedPrecondition for a pixel or instance
+  // weight > 0 on an index without item templates (query it with both 0,
+  // or build it again).
   Status Query(const data::GrayImage& product, const SnapQueryOptions& options, SnapQueryResult* result) const;
 
   // The same for many products at once (detector and embedders run in
@@ -373,7 +410,7 @@ class SnapIndex {
   std::vector<std::string> categories_;
   std::vector<std::unique_ptr<Searcher>> searchers_;  // per category; null without items
   float pixel_weight_ = 0;
-  // Per category: item id -> row, and rows of kPixelDescriptorDim floats.
+  // Per category: item id -> row, and rows of kItemTemplatePixels bytes.
   struct Pixels;
   std::vector<std::unique_ptr<Pixels>> pixels_;  // per category; null without items
   std::unique_ptr<Detector> detector_;
