@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 #include <sstream>
 
 namespace dtrain {
@@ -254,6 +255,10 @@ class Validator {
                                c_.data().dataset() + "'");
     }
     if (!detector && snaps) Fail("model.name", "dataset fashion_mnist_snaps trains the detector: set name: \"centernet_detector\"");
+    if (detector && c_.data().classes_size() > 0) {
+      Fail("data.classes", "keeps classes for an embedder; the detector learns every item of its snaps (their "
+                           "categories come from model.detector.categories)");
+    }
     if (detector && c_.parallelism().mode_case() != ParallelismConfig::kSync) {
       Fail("parallelism", std::string("the detector trains with parallelism.sync (one worker or all-reduce), got ") +
                               ParallelismModeName(c_));
@@ -307,6 +312,17 @@ class Validator {
       }
     }
     InRange("data.augment.pad", d.augment().pad(), 0, 14);
+    {
+      std::set<int> seen;
+      for (int c : d.classes()) {
+        if (c < 0 || c > 9) Fail("data.classes", "Fashion-MNIST classes are 0-9, got " + Str(c));
+        if (!seen.insert(c).second) Fail("data.classes", "class " + Str(c) + " is listed twice");
+      }
+      if (d.sampler() == DataConfig::PK && d.classes_size() > 0 && d.pk_classes() > d.classes_size()) {
+        Fail("data.pk_classes", "the PK sampler draws " + Str(d.pk_classes()) + " classes per batch but data.classes "
+                                "keeps " + Str(d.classes_size()));
+      }
+    }
     AtLeast("data.train_limit", d.train_limit(), int64_t{0});
     AtLeast("data.test_limit", d.test_limit(), int64_t{0});
     InRange("data.loader_threads", d.loader_threads(), 0, 64);

@@ -277,6 +277,30 @@ Status LoadFashionMnist(const FashionMnistOptions& options, Dataset* out) {
                                 "]");
     }
   }
+  if (!options.classes.empty()) {
+    bool keep[256] = {};
+    for (int c : options.classes) {
+      if (c < 0 || c >= ds.num_classes) {
+        return Status::InvalidArgument("Fashion-MNIST classes: " + std::to_string(c) + " is not a class (0-" +
+                                       std::to_string(ds.num_classes - 1) + ")");
+      }
+      keep[c] = true;
+    }
+    const size_t pixels = static_cast<size_t>(ds.rows) * static_cast<size_t>(ds.cols);
+    int64_t kept = 0;
+    for (int64_t i = 0; i < ds.size; ++i) {
+      if (!keep[ds.labels[static_cast<size_t>(i)]]) continue;
+      if (kept != i) {
+        std::copy_n(ds.images.data() + static_cast<size_t>(i) * pixels, pixels,
+                    ds.images.data() + static_cast<size_t>(kept) * pixels);
+        ds.labels[static_cast<size_t>(kept)] = ds.labels[static_cast<size_t>(i)];
+      }
+      ++kept;
+    }
+    ds.size = kept;
+    ds.images.resize(static_cast<size_t>(kept) * pixels);
+    ds.labels.resize(static_cast<size_t>(kept));
+  }
   if (options.limit > 0 && options.limit < ds.size) {
     ds.size = options.limit;
     ds.images.resize(static_cast<size_t>(ds.size * ds.rows * ds.cols));

@@ -179,6 +179,13 @@ INSTANTIATE_TEST_SUITE_P(
                   "loss.triplet.mining_scope: GLOBAL mining needs parallelism.sync, got async"},
         BadConfig{"step schedule without milestones", "name: \"t\"\nschedule { kind: STEP }\n",
                   "schedule.milestones: kind STEP needs at least one milestone"},
+        BadConfig{"class out of range", "name: \"t\"\ndata {\n  classes: [0, 10]\n}\n",
+                  "job.textproto:3:3: data.classes: Fashion-MNIST classes are 0-9, got 10"},
+        BadConfig{"class twice", "name: \"t\"\ndata { classes: [5, 7, 5] }\n",
+                  "data.classes: class 5 is listed twice"},
+        BadConfig{"PK classes above kept classes",
+                  "name: \"t\"\ndata { sampler: PK pk_classes: 4 pk_images: 8 batch_size: 32 classes: [5, 7, 9] }\n",
+                  "data.pk_classes: the PK sampler draws 4 classes per batch but data.classes keeps 3"},
         BadConfig{"NCCL on CPU", "name: \"t\"\ndevice: DEVICE_CPU\nparallelism { sync { backend: BACKEND_NCCL } }\n",
                   "parallelism.sync.backend: NCCL works on CUDA tensors"}),
     [](const ::testing::TestParamInfo<BadConfig>& info) {

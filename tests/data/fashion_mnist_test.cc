@@ -151,6 +151,41 @@ TEST(FashionMnistTest, LimitKeepsTheFirstImages) {
   EXPECT_TRUE(std::equal(limited.labels.begin(), limited.labels.end(), full.labels.begin()));
 }
 
+TEST(FashionMnistTest, ClassesKeepOnlyTheirImagesInFileOrderBeforeTheLimit) {
+  FashionMnistOptions options;
+  options.dir = kDatasetDir;
+  options.split = Split::kTest;
+  options.classes = {9, 5};
+  Dataset kept;
+  ASSERT_TRUE(LoadFashionMnist(options, &kept).ok());
+  const Dataset& full = LoadedSplit(Split::kTest);
+  std::vector<int64_t> expected;  // indexes into the full split
+  for (int64_t i = 0; i < full.size; ++i) {
+    if (full.labels[static_cast<size_t>(i)] == 5 || full.labels[static_cast<size_t>(i)] == 9) expected.push_back(i);
+  }
+  ASSERT_EQ(kept.size, static_cast<int64_t>(expected.size()));
+  EXPECT_EQ(kept.size, 2000);  // 1,000 test images per class
+  ASSERT_EQ(kept.images.size(), static_cast<size_t>(kept.size) * 28 * 28);
+  for (size_t j = 0; j < expected.size(); ++j) {
+    ASSERT_EQ(kept.labels[j], full.labels[static_cast<size_t>(expected[j])]) << j;
+    ASSERT_TRUE(std::equal(kept.image(static_cast<int64_t>(j)), kept.image(static_cast<int64_t>(j)) + 28 * 28,
+                           full.image(expected[j])))
+        << j;
+  }
+  // The limit counts kept images.
+  options.limit = 10;
+  Dataset limited;
+  ASSERT_TRUE(LoadFashionMnist(options, &limited).ok());
+  EXPECT_EQ(limited.size, 10);
+  EXPECT_TRUE(std::equal(limited.images.begin(), limited.images.end(), kept.images.begin()));
+  // A class that does not exist.
+  options.classes = {3, 10};
+  Dataset bad;
+  const Status s = LoadFashionMnist(options, &bad);
+  EXPECT_EQ(s.code(), Status::Code::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("10 is not a class"));
+}
+
 TEST(FashionMnistTest, NegativeLimitIsRejected) {
   FashionMnistOptions options;
   options.limit = -1;

@@ -231,6 +231,7 @@ Status Trainer::Create(const JobConfig& config, std::unique_ptr<Strategy> strate
   fo.dir = config.data().dir();
   fo.split = data::Split::kTrain;
   fo.limit = config.data().train_limit();
+  fo.classes.assign(config.data().classes().begin(), config.data().classes().end());
   DTRAIN_RETURN_IF_ERROR(data::LoadFashionMnist(fo, &impl->train));
 
   if (config.data().sampler() == DataConfig::PK) {
@@ -568,6 +569,7 @@ Status EvaluateOnTestSplit(const JobConfig& config, models::EmbedderImpl& model,
   fo.dir = config.data().dir();
   fo.split = data::Split::kTest;
   fo.limit = config.data().test_limit();
+  fo.classes.assign(config.data().classes().begin(), config.data().classes().end());
   data::Dataset test;
   DTRAIN_RETURN_IF_ERROR(data::LoadFashionMnist(fo, &test));
   const std::vector<int> ks(config.eval().recall_at().begin(), config.eval().recall_at().end());

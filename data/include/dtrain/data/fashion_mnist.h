@@ -50,6 +50,9 @@ struct FashionMnistOptions {
   // 0 (the default) keeps the whole split; N > 0 keeps the first N images
   // (all of them when N exceeds the split). Negative is an error.
   int64_t limit = 0;
+  // Non-empty: keep only the images of these labels (0-9), in file order,
+  // before `limit` applies. A label outside 0-9 is an error.
+  std::vector<int> classes;
 };
 
 // Loads one split from `options.dir`. Files are looked for as
