@@ -117,6 +117,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--instance-threshold", instance_threshold, "template similarity where the instance bonus starts")
       ->capture_default_str();
+  float instance_margin = SnapQueryOptions().instance_margin;
+  app.add_option("--instance-margin", instance_margin, "instance bonus only within this of the best template")
+      ->capture_default_str();
   app.add_option("--rerank-depth", rerank_depth, "items re-ranked by their templates per query (at least)")
       ->capture_default_str();
   std::vector<std::string> box_modes = {"detected", "truth", "whole"};
@@ -249,6 +252,7 @@ int main(int argc, char** argv) {
       qo.pixel_weight = weight;
       qo.instance_weight = gamma;
       qo.instance_threshold = instance_threshold;
+      qo.instance_margin = instance_margin;
       qo.rerank_depth = rerank_depth;
       std::vector<SnapQueryResult> results;
       Check(index->QueryBatch(products, qo, &results), "queries");
@@ -320,6 +324,7 @@ int main(int argc, char** argv) {
   j["min_score"] = min_score;
   j["rerank_depth"] = rerank_depth;
   j["instance_threshold"] = instance_threshold;
+  j["instance_margin"] = instance_margin;
   j["detector_metrics"] = {{"mean_ap50", ap.mean_ap50}, {"mean_ap75", ap.mean_ap75}, {"mean_ap", ap.mean_ap},
                            {"snaps_per_sec", snaps.size() / std::max(ap_s, 1e-9)}};
   for (size_t c = 0; c < ap.categories.size(); ++c) {

@@ -1111,10 +1111,14 @@ Status SnapIndex::QueryBatch(const std::vector<data::GrayImage>& products, const
     return Status::InvalidArgument("instance_threshold must be in [0, 1), got " +
                                    std::to_string(options.instance_threshold));
   }
+  if (!(options.instance_margin >= 0)) {
+    return Status::InvalidArgument("instance_margin must be >= 0, got " + std::to_string(options.instance_margin));
+  }
   const float w = options.pixel_weight == -1.f ? pixel_weight_ : options.pixel_weight;
   // Templates are compared when either pixel term counts.
   const bool match = w > 0 || options.instance_weight > 0;
   const float gamma = options.instance_weight, tau = options.instance_threshold;
+  const float margin = options.instance_margin;
   if (match) {
     for (size_t c = 0; c < pixels_.size(); ++c) {
       if (searchers_[c] && !pixels_[c]) {
@@ -1239,7 +1243,7 @@ Status SnapIndex::QueryBatch(const std::vector<data::GrayImage>& products, const
           const int64_t id = ids[p * static_cast<size_t>(depth) + static_cast<size_t>(j)];
           if (id < 0) break;
           const float e = scores[p * static_cast<size_t>(depth) + static_cast<size_t>(j)];
-          float px = 0, bonus = 0;
+          float px = 0;
           if (match) {
             const uint8_t* item = pixels->Find(id);
             if (!item) {
@@ -1247,10 +1251,18 @@ Status SnapIndex::QueryBatch(const std::vector<data::GrayImage>& products, const
                                         " has no template in " + kItemTemplateFile);
             }
             px = matchers[which[pending[p]]].Score(item);
-            bonus = gamma * std::clamp((px - tau) / (1 - tau), 0.f, 1.f);
           }
-          found.push_back({(1 - w) * e + w * px + bonus, id, static_cast<int>(c), e, px});
+          found.push_back({(1 - w) * e + w * px, id, static_cast<int>(c), e, px});
           distinct.insert(id / kMaxItemsPerSnap);
+        }
+        if (match && gamma > 0) {
+          // The instance bonus, for the items whose template similarity is
+          // within instance_margin of the best candidate's.
+          float best = -1;
+          for (const Candidate& f : found) best = std::max(best, f.pixel);
+          for (Candidate& f : found) {
+            if (f.pixel >= best - margin) f.similarity += gamma * std::clamp((f.pixel - tau) / (1 - tau), 0.f, 1.f);
+          }
         }
         if (static_cast<int>(distinct.size()) < k && depth < count) {
           again.push_back(pending[p]);

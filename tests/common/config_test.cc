@@ -186,6 +186,9 @@ INSTANTIATE_TEST_SUITE_P(
         BadConfig{"PK classes above kept classes",
                   "name: \"t\"\ndata { sampler: PK pk_classes: 4 pk_images: 8 batch_size: 32 classes: [5, 7, 9] }\n",
                   "data.pk_classes: the PK sampler draws 4 classes per batch but data.classes keeps 3"},
+        BadConfig{"classes for the detector",
+                  "name: \"t\"\nmodel { name: \"centernet_detector\" }\ndata { dataset: \"fashion_mnist_snaps\" classes: [1] }\n",
+                  "data.classes: keeps classes for an embedder"},
         BadConfig{"NCCL on CPU", "name: \"t\"\ndevice: DEVICE_CPU\nparallelism { sync { backend: BACKEND_NCCL } }\n",
                   "parallelism.sync.backend: NCCL works on CUDA tensors"}),
     [](const ::testing::TestParamInfo<BadConfig>& info) {

@@ -811,15 +811,15 @@ TEST_F(SnapIndexTest, TemplateReRankingFindsTheVeryItem) {
   SnapIndexOptions o = Options(snap_dir, (dir_ / "index").string());
   o.boxes = SnapBoxes::kGroundTruth;
   o.embedder = TrainedEmbedderRun();
-  ASSERT_EQ(o.pixel_weight, 0.2f);
+  ASSERT_EQ(o.pixel_weight, 0.4f);
   ASSERT_TRUE(BuildSnapIndex(o, nullptr).ok());
   auto index = Open(o.output_dir);
   ASSERT_TRUE(index);
-  EXPECT_EQ(index->pixel_weight(), 0.2f);
+  EXPECT_EQ(index->pixel_weight(), 0.4f);
   {
     std::ifstream in(fs::path(o.output_dir) / "snap_index.json");
     const nlohmann::json root = nlohmann::json::parse(in);
-    EXPECT_EQ(root.at("pixel_weight").get<float>(), 0.2f);
+    EXPECT_EQ(root.at("pixel_weight").get<float>(), 0.4f);
     EXPECT_EQ(root.at("pixel_descriptor").at("side").get<int>(), kItemTemplateSide);
     EXPECT_EQ(root.at("pixel_descriptor").at("file").get<std::string>(), kItemTemplateFile);
   }
@@ -839,10 +839,14 @@ TEST_F(SnapIndexTest, TemplateReRankingFindsTheVeryItem) {
         const float w = weight < 0 ? index->pixel_weight() : weight;
         for (size_t j = 0; j < r.matches.size(); ++j) {
           const SnapMatch& m = r.matches[j];
+          // The linear score, plus the instance bonus for the items near the
+          // best template match.
           const float t = m.pixel_similarity;
-          const float expected = (1 - w) * m.embedding_similarity + w * t +
-                                 bonus * std::clamp((t - qo.instance_threshold) / (1 - qo.instance_threshold), 0.f, 1.f);
-          EXPECT_NEAR(m.similarity, expected, 1e-5);
+          const float linear = (1 - w) * m.embedding_similarity + w * t;
+          const float with_bonus =
+              linear + bonus * std::clamp((t - qo.instance_threshold) / (1 - qo.instance_threshold), 0.f, 1.f);
+          EXPECT_TRUE(std::abs(m.similarity - linear) < 1e-5 || std::abs(m.similarity - with_bonus) < 1e-5)
+              << m.similarity << " is neither " << linear << " nor " << with_bonus;
           if (weight == 0 && bonus == 0) {
             EXPECT_EQ(t, 0.f);  // not computed
           }
@@ -903,6 +907,9 @@ TEST_F(SnapIndexTest, TemplateReRankingFindsTheVeryItem) {
   SnapQueryResult r;
   EXPECT_EQ(index->Query(SourceImage(0), qo, &r).code(), Status::Code::kInvalidArgument);
   qo.instance_threshold = 0.7f;
+  qo.instance_margin = -0.1f;
+  EXPECT_EQ(index->Query(SourceImage(0), qo, &r).code(), Status::Code::kInvalidArgument);
+  qo.instance_margin = 0.05f;
   qo.rerank_depth = -1;
   EXPECT_EQ(index->Query(SourceImage(0), qo, &r).code(), Status::Code::kInvalidArgument);
 }

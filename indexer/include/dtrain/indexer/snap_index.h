@@ -83,7 +83,9 @@
 //     pixels, against the item's box; masked normalised cross-correlation,
 //     t in [-1, 1]) and the item is scored
 //       (1 - w) * embedding cosine + w * t
-//         + g * clamp((t - instance_threshold) / (1 - instance_threshold), 0, 1).
+//         + g * clamp((t - instance_threshold) / (1 - instance_threshold), 0, 1),
+//     the last term (the instance bonus) only for the items whose t is within
+//     instance_margin of the best t among the query's candidates.
 //     Why: the ArcFace embedders learnt the 10 Fashion-MNIST classes, so
 //     they group items by class but barely tell two shirts apart (instance
 //     Recall@5 about 0.4 on bench/snaps), while the template says whether
@@ -92,9 +94,10 @@
 //     background (the very item scores 0.96 at the median, the best other
 //     item of the category 0.78, on ground-truth boxes). The linear term
 //     adds the templates' shape evidence to the embedding's class
-//     evidence; the bonus lifts items that are most likely the very
-//     product above the class ranking without letting middling template
-//     matches reorder it. The defaults (w 0.2, g 0.6, threshold 0.7) were
+//     evidence; the bonus lifts the item that is most likely the very
+//     product (and any about as likely) above the class ranking without
+//     letting the many fair template matches of other items of the class
+//     reorder it. The defaults (w 0.4, g 1, threshold 0.7, margin 0.05) were
 //     chosen on snaps of another seed than bench/snaps's (docs/snaps.md).
 //     With w = 0 and g = 0 the score is the embedding cosine alone and no
 //     template is read.
@@ -179,8 +182,8 @@ struct SnapIndexOptions {
   // The weight w of the template similarity in the query score (query step
   // 4): (1 - w) * embedding cosine + w * template similarity (+ the
   // instance bonus); in [0, 1]. Stored in snap_index.json; queries may
-  // override it. Default: 0.2.
-  float pixel_weight = 0.2f;
+  // override it. Default: 0.4.
+  float pixel_weight = 0.4f;
   // Snaps per detector batch and crops per embedding batch.
   int detect_batch_size = 32;
   int embed_batch_size = 512;
@@ -293,8 +296,12 @@ struct SnapQueryOptions {
   // clamp((template similarity - instance_threshold) / (1 - instance_threshold), 0, 1)
   // is added to every candidate's score; in [0, 1], 0 turns it off;
   // instance_threshold in [0, 1).
-  float instance_weight = 0.6f;
+  float instance_weight = 1.0f;
   float instance_threshold = 0.7f;
+  // Only items whose template similarity is within instance_margin of the
+  // best of the query's candidates get the bonus (a large margin: every
+  // item over the threshold). >= 0.
+  float instance_margin = 0.05f;
 };
 
 // An item of a snap, as indexed.
