@@ -7,10 +7,11 @@
 //     boxes, ground-truth boxes, and whole snaps (no detector); indexing
 //     throughput (snaps/s: finding items, cropping, embedding, FAISS,
 //     writing).
-//  3. Retrieval, each index queried twice: by the embedding alone (pixel
-//     weight 0; rows "detected", "truth", "whole") and re-ranked with the
-//     pixel descriptor at the index's default weight (SnapIndexOptions::
-//     pixel_weight; rows "+pixels"). Queries are the clean test-split images of the items placed
+//  3. Retrieval, each index queried by the embedding alone (pixel and
+//     instance weights 0; rows "detected", "truth", "whole") and re-ranked
+//     with the item templates at the default weights (SnapIndexOptions::
+//     pixel_weight, SnapQueryOptions::instance_weight; rows "+pixels"; other
+//     weights: --pixel-weights, --instance-weights). Queries are the clean test-split images of the items placed
 //     in the snaps (each source image once, in order of appearance); their
 //     category is predicted by the detector (the same prediction for the
 //     detected and ground-truth indexes, so the two differ only in their
@@ -83,6 +84,7 @@ struct ModeRow {
   double recall1 = 0, recall5 = 0, precision5_matched = 0, precision5_holds = 0, category_accuracy = -1;
   double p50_ms = 0, p99_ms = 0;
   std::vector<double> recall5_per_category;
+  std::vector<double> precision5_per_category;  // matched item
 };
 
 }  // namespace
@@ -107,7 +109,7 @@ int main(int argc, char** argv) {
   app.add_option("--timed", timed, "queries timed one by one, per mode")->capture_default_str();
   app.add_option("--min-score", min_score, "detected boxes: lowest score indexed")->capture_default_str();
   app.add_option("--pixel-weights", pixel_weights,
-                 "pixel descriptor weights to query each index with (rows; the first two make the goals line)")
+                 "template (pixel) weights to query each index with (rows; the first two make the goals line)")
       ->capture_default_str();
   int rerank_depth = SnapQueryOptions().rerank_depth;
   std::vector<float> instance_weights = {SnapQueryOptions().instance_weight};
@@ -257,6 +259,7 @@ int main(int argc, char** argv) {
       std::vector<SnapQueryResult> results;
       Check(index->QueryBatch(products, qo, &results), "queries");
       std::vector<double> hits_c(categories.size(), 0), count_c(categories.size(), 0);
+      std::vector<double> precision_c(categories.size(), 0);
       int64_t correct_category = 0;
       for (size_t q = 0; q < products.size(); ++q) {
         const int64_t src = sources[q];
@@ -265,16 +268,19 @@ int main(int argc, char** argv) {
         const std::set<size_t>& holders = snaps_with_source[src];
         const auto& ms = results[q].matches;
         bool hit5 = false;
+        double precision5 = 0;
         for (size_t j = 0; j < ms.size(); ++j) {
           const size_t ord = static_cast<size_t>(ms[j].snap_ordinal);
           const bool holds = holders.count(ord) > 0;
           if (holds && j == 0) row.recall1 += 1;
           hit5 |= holds;
-          row.precision5_matched += ms[j].fine_class == fine ? 0.2 : 0;
+          precision5 += ms[j].fine_class == fine ? 0.2 : 0;
           row.precision5_holds += fine_classes_of[ord].count(fine) ? 0.2 : 0;
         }
         row.recall5 += hit5 ? 1 : 0;
+        row.precision5_matched += precision5;
         if (coarse >= 0 && coarse < static_cast<int>(categories.size())) {
+          precision_c[static_cast<size_t>(coarse)] += precision5;
           hits_c[static_cast<size_t>(coarse)] += hit5 ? 1 : 0;
           count_c[static_cast<size_t>(coarse)] += 1;
         }
@@ -288,6 +294,7 @@ int main(int argc, char** argv) {
       if (boxes != SnapBoxes::kWholeSnap) row.category_accuracy = correct_category / nq;
       for (size_t c = 0; c < categories.size(); ++c) {
         row.recall5_per_category.push_back(count_c[c] > 0 ? hits_c[c] / count_c[c] : -1);
+        row.precision5_per_category.push_back(count_c[c] > 0 ? precision_c[c] / count_c[c] : -1);
       }
       // Latency, one query at a time.
       std::vector<double> lat;
@@ -365,7 +372,10 @@ int main(int argc, char** argv) {
     x["precision_at_5_snap_holds"] = r.precision5_holds;
     if (r.category_accuracy >= 0) x["category_accuracy"] = r.category_accuracy;
     if (r.boxes != SnapBoxes::kWholeSnap) {
-      for (size_t c = 0; c < categories.size(); ++c) x["recall_at_5_per_category"][categories[c]] = r.recall5_per_category[c];
+      for (size_t c = 0; c < categories.size(); ++c) {
+        x["recall_at_5_per_category"][categories[c]] = r.recall5_per_category[c];
+        x["precision_at_5_per_category"][categories[c]] = r.precision5_per_category[c];
+      }
     }
     x["query_p50_ms"] = r.p50_ms;
     x["query_p99_ms"] = r.p99_ms;
