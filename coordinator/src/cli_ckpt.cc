@@ -1,9 +1,12 @@
-// dtrain ckpt list|inspect|export: look into a checkpoint store (read-only,
-// so it works while a job is writing the store).
+// dtrain ckpt list|inspect|export|diff: look into a checkpoint store
+// (read-only, so it works while a job is writing the store).
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <ctime>
+#include <map>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -152,6 +155,97 @@ Status Export(const CkptArgs& a) {
   return Status::OK();
 }
 
+struct DiffArgs {
+  std::string a, b;
+  int64_t step_a = -1, step_b = -1;  // -1: the newest intact checkpoint
+  double tolerance = 0;
+  bool all = false;  // optimizer state and everything else too
+};
+
+Status LoadFor(const std::string& path, int64_t step, CheckpointData* data) {
+  std::unique_ptr<CheckpointStore> store;
+  DTRAIN_RETURN_IF_ERROR(OpenReadOnly(path, &store).WithContext(path));
+  if (step >= 0) return store->Load(step, data).WithContext(path);
+  std::vector<std::string> warnings;
+  DTRAIN_RETURN_IF_ERROR(store->LoadLatestGood(data, &warnings).WithContext(path));
+  for (const std::string& w : warnings) std::fprintf(stderr, "warning: %s: %s\n", path.c_str(), w.c_str());
+  return Status::OK();
+}
+
+// Compares the tensors of two checkpoints (of two runs, or two steps of
+// one): the model's and the loss head's ("model/", "loss/"), or every
+// tensor with --all. Prints the largest absolute difference of each tensor
+// that differs and a summary; FailedPrecondition when the tensor sets,
+// shapes or dtypes differ or a difference exceeds the tolerance (the
+// comparison of float tensors is done in double).
+Status Diff(const DiffArgs& d) {
+  CheckpointData a, b;
+  DTRAIN_RETURN_IF_ERROR(LoadFor(d.a, d.step_a, &a));
+  DTRAIN_RETURN_IF_ERROR(LoadFor(d.b, d.step_b, &b));
+  std::printf("A: %s, step %lld (%s, %d rank(s))\nB: %s, step %lld (%s, %d rank(s))\n", d.a.c_str(),
+              static_cast<long long>(a.step), a.mode.c_str(), a.world_size, d.b.c_str(),
+              static_cast<long long>(b.step), b.mode.c_str(), b.world_size);
+  auto wanted = [&](const std::string& name) {
+    return d.all || name.rfind("model/", 0) == 0 || name.rfind("loss/", 0) == 0;
+  };
+  std::map<std::string, const TensorRecord*> in_b;
+  for (const TensorRecord& r : b.tensors) {
+    if (wanted(r.name)) in_b[r.name] = &r;
+  }
+  std::vector<std::string> problems;
+  int compared = 0, differing = 0;
+  int64_t elements = 0;
+  double worst = 0;
+  std::string worst_name;
+  for (const TensorRecord& ra : a.tensors) {
+    if (!wanted(ra.name)) continue;
+    auto it = in_b.find(ra.name);
+    if (it == in_b.end()) {
+      problems.push_back(ra.name + " is only in A");
+      continue;
+    }
+    const TensorRecord& rb = *it->second;
+    in_b.erase(it);
+    if (ra.shape != rb.shape || ra.dtype != rb.dtype) {
+      problems.push_back(ra.name + ": shape or dtype differs");
+      continue;
+    }
+    torch::Tensor ta, tb;
+    DTRAIN_RETURN_IF_ERROR(worker::RecordToTensor(ra, &ta));
+    DTRAIN_RETURN_IF_ERROR(worker::RecordToTensor(rb, &tb));
+    ++compared;
+    elements += ta.numel();
+    if (ta.numel() == 0) continue;
+    const double diff = (ta.to(torch::kFloat64) - tb.to(torch::kFloat64)).abs().max().item<double>();
+    const double scale = ta.to(torch::kFloat64).abs().max().item<double>();
+    if (diff > 0 || std::isnan(diff)) {
+      ++differing;
+      std::printf("  %-48s max |A - B| %.3g (max |A| %.3g)\n", ra.name.c_str(), diff, scale);
+    }
+    if (std::isnan(diff) || diff > worst) {
+      worst = std::isnan(diff) ? INFINITY : diff;
+      worst_name = ra.name;
+    }
+  }
+  for (const auto& [name, r] : in_b) problems.push_back(name + " is only in B");
+  std::printf("%d tensor(s), %lld value(s) compared: %d differ; largest difference %.3g%s%s (tolerance %.3g)\n",
+              compared, static_cast<long long>(elements), differing, worst, worst_name.empty() ? "" : " in ",
+              worst_name.c_str(), d.tolerance);
+  if (compared == 0 && problems.empty()) return Status::NotFound("no tensors to compare");
+  if (!problems.empty()) {
+    std::string msg = "the checkpoints do not hold the same tensors:";
+    for (size_t i = 0; i < problems.size() && i < 10; ++i) msg += "\n  " + problems[i];
+    if (problems.size() > 10) msg += "\n  (" + std::to_string(problems.size() - 10) + " more)";
+    return Status::FailedPrecondition(msg);
+  }
+  if (worst > d.tolerance) {
+    return Status::FailedPrecondition("the checkpoints differ by " + std::to_string(worst) + " in " + worst_name +
+                                      ", more than the tolerance " + std::to_string(d.tolerance));
+  }
+  std::printf("equal within the tolerance\n");
+  return Status::OK();
+}
+
 void Add(CLI::App* parent, const char* name, const char* help, bool with_out, Status (*fn)(const CkptArgs&),
          int* exit_code) {
   auto args = std::make_shared<CkptArgs>();
@@ -179,6 +273,23 @@ void AddCkptCommands(CLI::App& app, int* exit_code) {
       exit_code);
   Add(ckpt, "export", "write a checkpoint's model alone (for dtrain eval --model and the indexer)", true, &Export,
       exit_code);
+  auto diff = std::make_shared<DiffArgs>();
+  CLI::App* cmd = ckpt->add_subcommand(
+      "diff", "compare two checkpoints' model (and loss) tensors: of two runs, e.g. a pipeline and a sync run of "
+              "the same job, or two steps of one");
+  cmd->add_option("A", diff->a, "run directory or store directory")->required();
+  cmd->add_option("B", diff->b, "run directory or store directory")->required();
+  cmd->add_option("--step-a", diff->step_a, "A's checkpoint step (default: the newest intact one)");
+  cmd->add_option("--step-b", diff->step_b, "B's checkpoint step (default: the newest intact one)");
+  cmd->add_option("--tolerance", diff->tolerance, "largest absolute difference accepted")->capture_default_str();
+  cmd->add_flag("--all", diff->all, "compare every tensor (optimizer state too), not only model/ and loss/");
+  cmd->callback([diff, exit_code] {
+    Status st = Diff(*diff);
+    if (!st.ok()) {
+      std::fprintf(stderr, "dtrain ckpt diff: %s\n", st.ToString().c_str());
+      *exit_code = 1;
+    }
+  });
 }
 
 }  // namespace dtrain::cli
