@@ -168,6 +168,18 @@ class SnapIndexTest : public ::testing::Test {
     return path;
   }
 
+  // A ground-truth snap index (dir_/index) of `n` snaps with an untrained
+  // embedder; its options, output_dir empty when the build failed.
+  SnapIndexOptions BuildTruthIndex(int n) {
+    SnapIndexOptions o = Options(MakeSnapDir("snaps", n), (dir_ / "index").string());
+    o.boxes = SnapBoxes::kGroundTruth;
+    o.embedder = MakeEmbedderRun("emb");
+    Status st = BuildSnapIndex(o, nullptr);
+    EXPECT_TRUE(st.ok()) << st;
+    if (!st.ok()) o.output_dir.clear();
+    return o;
+  }
+
   SnapIndexOptions Options(const std::string& snap_dir, const std::string& out) {
     SnapIndexOptions o;
     o.snap_dir = snap_dir;
@@ -693,11 +705,8 @@ TEST_F(SnapIndexTest, AnOutputThatIsNotASnapIndexIsNeverReplaced) {
 }
 
 TEST_F(SnapIndexTest, QueriesCheckTheirArguments) {
-  const std::string snap_dir = MakeSnapDir("snaps", 3);
-  SnapIndexOptions o = Options(snap_dir, (dir_ / "index").string());
-  o.boxes = SnapBoxes::kGroundTruth;
-  o.embedder = MakeEmbedderRun("emb");
-  ASSERT_TRUE(BuildSnapIndex(o, nullptr).ok());
+  const SnapIndexOptions o = BuildTruthIndex(3);
+  ASSERT_FALSE(o.output_dir.empty());
   auto index = Open(o.output_dir);
   ASSERT_TRUE(index);
   SnapQueryResult r;
@@ -917,11 +926,8 @@ TEST_F(SnapIndexTest, TemplateReRankingFindsTheVeryItem) {
 TEST_F(SnapIndexTest, AnIndexWithoutTemplatesOpensAndRanksByTheEmbedding) {
   // An index written before item templates: snap_index.json names the old
   // 14x14 descriptors (no kind) and there is no templates.u8.
-  const std::string snap_dir = MakeSnapDir("snaps", 6);
-  SnapIndexOptions o = Options(snap_dir, (dir_ / "index").string());
-  o.boxes = SnapBoxes::kGroundTruth;
-  o.embedder = MakeEmbedderRun("emb");
-  ASSERT_TRUE(BuildSnapIndex(o, nullptr).ok());
+  const SnapIndexOptions o = BuildTruthIndex(6);
+  ASSERT_FALSE(o.output_dir.empty());
   const fs::path json_path = fs::path(o.output_dir) / "snap_index.json";
   nlohmann::ordered_json root;
   {
@@ -954,11 +960,8 @@ TEST_F(SnapIndexTest, AnIndexWithoutTemplatesOpensAndRanksByTheEmbedding) {
 }
 
 TEST_F(SnapIndexTest, DamagedTemplatesAreReportedAsCorruption) {
-  const std::string snap_dir = MakeSnapDir("snaps", 6);
-  SnapIndexOptions o = Options(snap_dir, (dir_ / "index").string());
-  o.boxes = SnapBoxes::kGroundTruth;
-  o.embedder = MakeEmbedderRun("emb");
-  ASSERT_TRUE(BuildSnapIndex(o, nullptr).ok());
+  const SnapIndexOptions o = BuildTruthIndex(6);
+  ASSERT_FALSE(o.output_dir.empty());
   ASSERT_TRUE(Open(o.output_dir));
   fs::path file;
   for (const auto& e : fs::directory_iterator(fs::path(o.output_dir) / "categories")) {
