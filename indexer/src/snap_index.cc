@@ -901,8 +901,8 @@ Status SnapIndex::Open(const SnapIndexOpenOptions& options, std::unique_ptr<Snap
     }
     s->normalize_crops_ = root.at("normalize_crops").get<bool>();
     if (root.contains("pixel_descriptor") && !root.at("pixel_descriptor").contains("kind")) {
-      spdlog::warn("{}: written before item templates (its 14x14 pixel descriptors are no longer used): queries "
-                   "rank by the embedding alone; build the index again to re-rank",
+      spdlog::warn("{}: written before item templates (its 14x14 pixel descriptors are no longer used): query it "
+                   "with pixel and instance weights 0 (the embedding alone), or build it again",
                    path);
     } else if (root.contains("pixel_descriptor")) {
       const json& pd = root.at("pixel_descriptor");
@@ -1123,7 +1123,8 @@ Status SnapIndex::QueryBatch(const std::vector<data::GrayImage>& products, const
     for (size_t c = 0; c < pixels_.size(); ++c) {
       if (searchers_[c] && !pixels_[c]) {
         return Status::FailedPrecondition(dir_ + " has no item templates (written before them): query it with "
-                                          "pixel_weight 0, or build it again");
+                                          "pixel_weight and instance_weight 0 (dtrain snap query --pixel-weight 0 "
+                                          "--instance-weight 0: the embedding alone), or build it again");
       }
     }
   }
