@@ -28,6 +28,7 @@
 #include <set>
 #include <thread>
 
+#include "bench_util.h"
 #include "dtrain/common/logging.h"
 #include "dtrain/common/retrieval_metrics.h"
 #include "dtrain/indexer/index_eval.h"
@@ -42,18 +43,12 @@ using dtrain::IndexConfig;
 using dtrain::IndexManifest;
 using dtrain::Status;
 using namespace dtrain::indexer;
-using Clock = std::chrono::steady_clock;
+using Clock = dtrain::bench::Clock;
+using dtrain::bench::Since;
 
 namespace {
 
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-void Check(const Status& st, const char* what) {
-  if (!st.ok()) {
-    std::fprintf(stderr, "bench_index: %s: %s\n", what, st.ToString().c_str());
-    std::exit(1);
-  }
-}
+void Check(const Status& st, const char* what) { dtrain::bench::CheckOrExit("bench_index", st, what); }
 
 struct Row {
   std::string name;

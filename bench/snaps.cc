@@ -51,6 +51,7 @@
 #include <set>
 #include <thread>
 
+#include "bench_util.h"
 #include "dtrain/common/config.h"
 #include "dtrain/common/detection_metrics.h"
 #include "dtrain/common/logging.h"
@@ -63,18 +64,12 @@
 namespace fs = std::filesystem;
 using dtrain::Status;
 using namespace dtrain::indexer;
-using Clock = std::chrono::steady_clock;
+using Clock = dtrain::bench::Clock;
+using dtrain::bench::Since;
 
 namespace {
 
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-void Check(const Status& st, const char* what) {
-  if (!st.ok()) {
-    std::fprintf(stderr, "bench_snaps: %s: %s\n", what, st.ToString().c_str());
-    std::exit(1);
-  }
-}
+void Check(const Status& st, const char* what) { dtrain::bench::CheckOrExit("bench_snaps", st, what); }
 
 struct ModeRow {
   SnapBoxes boxes;

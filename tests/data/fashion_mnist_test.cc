@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "dtrain/data/transforms.h"
+#include "loaded_split_test.h"
 #include "temp_dir_test.h"
 
 namespace dtrain::data {
@@ -21,22 +22,8 @@ namespace {
 
 using ::testing::HasSubstr;
 
-constexpr char kDatasetDir[] = "/usr/share/datasets/fashion-mnist";
-
-// The real splits, each loaded at most once per test binary.
-const Dataset& LoadedSplit(Split split) {
-  static Dataset* datasets[2] = {nullptr, nullptr};
-  Dataset*& ds = datasets[split == Split::kTrain ? 0 : 1];
-  if (ds == nullptr) {
-    ds = new Dataset;
-    FashionMnistOptions options;
-    options.dir = kDatasetDir;
-    options.split = split;
-    const Status s = LoadFashionMnist(options, ds);
-    EXPECT_TRUE(s.ok()) << s;
-  }
-  return *ds;
-}
+using testing::kDatasetDir;
+using testing::LoadedSplit;
 
 void AppendBigEndian32(uint32_t v, std::vector<uint8_t>* out) {
   for (int shift = 24; shift >= 0; shift -= 8) out->push_back(static_cast<uint8_t>(v >> shift));

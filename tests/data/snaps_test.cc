@@ -19,6 +19,7 @@
 
 #include "dtrain/common/detection_metrics.h"
 #include "dtrain/data/image_io.h"
+#include "loaded_split_test.h"
 #include "temp_dir_test.h"
 
 namespace dtrain::data {
@@ -28,23 +29,8 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 using ::testing::HasSubstr;
 
-constexpr char kDatasetDir[] = "/usr/share/datasets/fashion-mnist";
-
-// The first 3000 train images and the whole test split, each loaded once.
-const Dataset& Split(data::Split split) {
-  static Dataset* datasets[2] = {nullptr, nullptr};
-  Dataset*& ds = datasets[split == Split::kTrain ? 0 : 1];
-  if (ds == nullptr) {
-    ds = new Dataset;
-    FashionMnistOptions options;
-    options.dir = kDatasetDir;
-    options.split = split;
-    options.limit = split == Split::kTrain ? 3000 : 0;
-    const Status s = LoadFashionMnist(options, ds);
-    EXPECT_TRUE(s.ok()) << s;
-  }
-  return *ds;
-}
+// The first 3000 train images and the whole test split.
+const Dataset& Split(data::Split split) { return testing::LoadedSplit(split, split == Split::kTrain ? 3000 : 0); }
 
 SnapGenerator Generator(const SnapOptions& options, data::Split split = Split::kTrain) {
   SnapGenerator g;
