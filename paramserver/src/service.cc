@@ -16,6 +16,7 @@
 #include "dtrain/common/rpc.h"
 #include "dtrain/paramserver.grpc.pb.h"
 #include "dtrain/paramserver/wire.h"
+#include "dtrain/paramserver/wire_codec.h"
 
 namespace dtrain::paramserver {
 namespace {
@@ -26,7 +27,10 @@ namespace {
 std::vector<std::pair<std::string, int>> LargeTransferArgs() {
   return {{GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 16 << 20},
           {GRPC_ARG_HTTP2_MAX_FRAME_SIZE, (16 << 20) - 1},
-          {GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, 8 << 20}};
+          {GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, 8 << 20},
+          {GRPC_ARG_TCP_READ_CHUNK_SIZE, 4 << 20},
+          {GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, 256 << 10},
+          {GRPC_ARG_TCP_MAX_READ_CHUNK_SIZE, 4 << 20}};
 }
 
 // The LR of the update from version v: lr_scale x the job's schedule at step
@@ -42,27 +46,82 @@ std::function<double(int64_t)> LrFromSetup(const ShardSetup& setup) {
   return [o, per_step, scale](int64_t v) { return scale * LearningRate(o, v / per_step); };
 }
 
-class Service final : public ParameterServer::Service {
+// The methods of ParameterServer (proto/dtrain/paramserver.proto). The
+// streamed messages travel as raw buffers encoded and parsed by
+// wire_codec.h, so tensor data is not copied on the way; the bytes are the
+// protobuf encoding of InitShardRequest, PushRequest and PullReply.
+constexpr char kInitMethod[] = "/dtrain.ParameterServer/Init";
+constexpr char kPushMethod[] = "/dtrain.ParameterServer/Push";
+constexpr char kPullMethod[] = "/dtrain.ParameterServer/Pull";
+constexpr char kInfoMethod[] = "/dtrain.ParameterServer/Info";
+
+// Field numbers of the streamed messages.
+namespace field {
+constexpr int kInitVersion = 1, kInitChunks = 2, kInitSetup = 3, kInitOptimizerStep = 4;
+constexpr int kPushBaseVersion = 1, kPushWorker = 2, kPushChunks = 3;
+constexpr int kPullVersion = 1, kPullChunks = 2, kPullOptimizerStep = 3;
+}  // namespace field
+
+class Service final : public grpc::Service {
  public:
-  Service(const PsServerOptions& o, std::shared_ptr<ParameterShard> shard) : options_(o), shard_(std::move(shard)) {}
+  Service(const PsServerOptions& o, std::shared_ptr<ParameterShard> shard) : options_(o), shard_(std::move(shard)) {
+    using grpc::internal::RpcMethod;
+    using grpc::internal::RpcServiceMethod;
+    using Bytes = grpc::ByteBuffer;
+    AddMethod(new RpcServiceMethod(
+        kInitMethod, RpcMethod::CLIENT_STREAMING,
+        new grpc::internal::ClientStreamingHandler<Service, Bytes, InitShardReply>(
+            [](Service* s, grpc::ServerContext* ctx, grpc::ServerReader<Bytes>* r, InitShardReply* reply) {
+              return s->Init(ctx, r, reply);
+            },
+            this)));
+    AddMethod(new RpcServiceMethod(
+        kPushMethod, RpcMethod::CLIENT_STREAMING,
+        new grpc::internal::ClientStreamingHandler<Service, Bytes, PushReply>(
+            [](Service* s, grpc::ServerContext* ctx, grpc::ServerReader<Bytes>* r, PushReply* reply) {
+              return s->Push(ctx, r, reply);
+            },
+            this)));
+    AddMethod(new RpcServiceMethod(
+        kPullMethod, RpcMethod::SERVER_STREAMING,
+        new grpc::internal::ServerStreamingHandler<Service, PullRequest, Bytes>(
+            [](Service* s, grpc::ServerContext* ctx, const PullRequest* req, grpc::ServerWriter<Bytes>* w) {
+              return s->Pull(ctx, req, w);
+            },
+            this)));
+    AddMethod(new RpcServiceMethod(
+        kInfoMethod, RpcMethod::NORMAL_RPC,
+        new grpc::internal::RpcMethodHandler<Service, ShardInfoRequest, ShardInfo, grpc::protobuf::MessageLite,
+                                             grpc::protobuf::MessageLite>(
+            [](Service* s, grpc::ServerContext* ctx, const ShardInfoRequest* req, ShardInfo* info) {
+              return s->Info(ctx, req, info);
+            },
+            this)));
+  }
 
   std::shared_ptr<ParameterShard> shard() const {
     std::lock_guard<std::mutex> lock(mu_);
     return shard_;
   }
 
-  grpc::Status Init(grpc::ServerContext* ctx, grpc::ServerReader<InitShardRequest>* reader,
-                    InitShardReply* reply) override {
+  grpc::Status Init(grpc::ServerContext* ctx, grpc::ServerReader<grpc::ByteBuffer>* reader, InitShardReply* reply) {
     grpc::Status auth = rpc::CheckJobToken(*ctx, options_.token);
     if (!auth.ok()) return auth;
-    InitShardRequest msg;
-    if (!reader->Read(&msg)) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "empty Init");
-    const int64_t version = msg.version();
-    const int64_t optimizer_step = msg.optimizer_step();
+    std::deque<WireMessage> messages(1);  // alive until applied (see Push)
+    grpc::ByteBuffer buffer;
+    if (!reader->Read(&buffer)) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "empty Init");
+    Status parsed = ParseWireMessage(buffer, field::kInitChunks, &messages.back());
+    if (!parsed.ok()) return rpc::ToGrpc(parsed.WithContext("Init"));
+    const WireMessage& msg = messages.front();
+    const int64_t version = msg.int64(field::kInitVersion);
+    const int64_t optimizer_step = msg.int64(field::kInitOptimizerStep);
     // The shard to initialise: a new one from the setup, or the current one.
     std::shared_ptr<ParameterShard> target;
-    if (msg.has_setup()) {
-      const ShardSetup& setup = msg.setup();
+    if (msg.bytes.count(field::kInitSetup) > 0) {
+      ShardSetup setup;
+      if (!setup.ParseFromString(msg.bytes.at(field::kInitSetup))) {
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "Init: the shard setup is not a valid ShardSetup");
+      }
       if (setup.shard() != options_.shard.shard) {
         return rpc::ToGrpc(Status::InvalidArgument("this is shard " + std::to_string(options_.shard.shard) +
                                                    ", the Init is for shard " + std::to_string(setup.shard())));
@@ -86,15 +145,16 @@ class Service final : public ParameterServer::Service {
     }
     ParameterShard* t = target.get();
     SliceAssembler assembler([t](const std::string& name, int64_t offset) { return t->SliceLength(name, offset); });
-    std::deque<InitShardRequest> messages;  // alive until applied (see Push)
-    messages.push_back(std::move(msg));
-    do {
-      for (const TensorChunk& c : messages.back().chunks()) {
+    while (true) {
+      for (const ChunkRef& c : messages.back().chunks) {
         Status st = assembler.Add(c);
         if (!st.ok()) return rpc::ToGrpc(st);
       }
+      if (!reader->Read(&buffer)) break;
       messages.emplace_back();
-    } while (reader->Read(&messages.back()));
+      Status st = ParseWireMessage(buffer, field::kInitChunks, &messages.back());
+      if (!st.ok()) return rpc::ToGrpc(st.WithContext("Init"));
+    }
     std::vector<SliceView> views;
     Status st = assembler.Finish(&views);
     if (st.ok()) st = target->Initialize(views, version, optimizer_step);
@@ -109,7 +169,7 @@ class Service final : public ParameterServer::Service {
     return grpc::Status::OK;
   }
 
-  grpc::Status Push(grpc::ServerContext* ctx, grpc::ServerReader<PushRequest>* reader, PushReply* reply) override {
+  grpc::Status Push(grpc::ServerContext* ctx, grpc::ServerReader<grpc::ByteBuffer>* reader, PushReply* reply) {
     grpc::Status auth = rpc::CheckJobToken(*ctx, options_.token);
     if (!auth.ok()) return auth;
     std::shared_ptr<ParameterShard> shard;
@@ -117,21 +177,23 @@ class Service final : public ParameterServer::Service {
     if (!ready.ok()) return ready;
     SliceAssembler assembler(Lengths(shard.get()));
     // Every message stays alive until the push is applied: the assembler
-    // points into whole-slice chunks instead of copying them.
-    std::deque<PushRequest> messages;
+    // points into the received buffers instead of copying whole slices.
+    std::deque<WireMessage> messages;
     int64_t base = 0;
     int worker = -1;
     bool first = true;
-    while (true) {
+    grpc::ByteBuffer buffer;
+    while (reader->Read(&buffer)) {
       messages.emplace_back();
-      if (!reader->Read(&messages.back())) break;
-      const PushRequest& msg = messages.back();
+      Status parsed = ParseWireMessage(buffer, field::kPushChunks, &messages.back());
+      if (!parsed.ok()) return rpc::ToGrpc(parsed.WithContext("Push"));
+      const WireMessage& msg = messages.back();
       if (first) {
-        base = msg.base_version();
-        worker = msg.has_worker() ? msg.worker() : -1;
+        base = msg.int64(field::kPushBaseVersion);
+        worker = msg.int32(field::kPushWorker, -1);
       }
       first = false;
-      for (const TensorChunk& c : msg.chunks()) {
+      for (const ChunkRef& c : msg.chunks) {
         Status st = assembler.Add(c);
         if (!st.ok()) return rpc::ToGrpc(st);
       }
@@ -148,7 +210,7 @@ class Service final : public ParameterServer::Service {
     return grpc::Status::OK;
   }
 
-  grpc::Status Pull(grpc::ServerContext* ctx, const PullRequest* req, grpc::ServerWriter<PullReply>* writer) override {
+  grpc::Status Pull(grpc::ServerContext* ctx, const PullRequest* req, grpc::ServerWriter<grpc::ByteBuffer>* writer) {
     grpc::Status auth = rpc::CheckJobToken(*ctx, options_.token);
     if (!auth.ok()) return auth;
     std::shared_ptr<ParameterShard> shard;
@@ -160,46 +222,63 @@ class Service final : public ParameterServer::Service {
       Status st = shard->AcquireLease(req->worker(), std::max(left, std::chrono::milliseconds(1)));
       if (!st.ok()) return rpc::ToGrpc(st);
     }
-    // Chunks are cut straight from the slices under their locks (the one copy
-    // of the values) into messages; the messages are written after the locks
-    // are released, so a slow client never holds up pushes.
-    std::vector<PullReply> messages(1);
+    // Chunks are cut from the slices under their locks into messages; the
+    // messages are written after the locks are released, so a slow client
+    // never holds up pushes.
+    struct Part {
+      TensorChunk header;
+      grpc::Slice data;
+    };
+    std::vector<std::vector<Part>> messages(1);
     int64_t bytes = 0;
-    auto add = [&](TensorChunk&& c) {
-      const int64_t size = static_cast<int64_t>(c.data().size());
+    auto add = [&](TensorChunk&& c, grpc::Slice&& data, int64_t size) {
       if (bytes > 0 && bytes + size > options_.chunk_bytes) {
         messages.emplace_back();
         bytes = 0;
       }
       bytes += size;
-      *messages.back().add_chunks() = std::move(c);
+      messages.back().push_back(Part{std::move(c), std::move(data)});
     };
     int64_t version = 0, optimizer_step = 0;
     Status st;
     if (req->include_state()) {
       st = shard->VisitState(&version, &optimizer_step,
                              [&](const ParamSlice& s, const std::string& slot, const float* v) {
-                               ChunkSlice(s.name, s.offset, v, s.length, COMPRESSION_NONE, options_.chunk_bytes,
-                                          [&](TensorChunk&& c) {
-                                            if (!slot.empty()) c.set_slot(slot);
-                                            add(std::move(c));
-                                          });
+                               ChunkSliceToWire(s.name, s.offset, v, s.length, COMPRESSION_NONE, options_.chunk_bytes,
+                                                {}, [&](TensorChunk&& c, grpc::Slice&& data, int64_t size) {
+                                                  if (!slot.empty()) c.set_slot(slot);
+                                                  add(std::move(c), std::move(data), size);
+                                                });
                              });
     } else {
-      st = shard->VisitChanged(req->since_version(), &version, [&](const ParamSlice& s, const float* v) {
-        ChunkSlice(s.name, s.offset, v, s.length, req->encoding(), options_.chunk_bytes, add);
-      });
+      // The values travel in place: each slice of the message holds a
+      // reference to the shard's array, and a push that comes meanwhile
+      // writes its update to another array (shard.h).
+      st = shard->VisitChanged(req->since_version(), &version,
+                               [&](const ParamSlice& s, const float* v, const std::shared_ptr<const float[]>& owner) {
+                                 ChunkSliceToWire(s.name, s.offset, v, s.length, req->encoding(), options_.chunk_bytes,
+                                                  [&owner](const float* data, size_t n) {
+                                                    auto* ref = new std::shared_ptr<const float[]>(owner);
+                                                    return grpc::Slice(
+                                                        const_cast<float*>(data), n,
+                                                        [](void* r) { delete static_cast<std::shared_ptr<const float[]>*>(r); },
+                                                        ref);
+                                                  },
+                                                  add);
+                               });
     }
     if (!st.ok()) return rpc::ToGrpc(st);
-    for (PullReply& m : messages) {
-      m.set_version(version);
-      if (req->include_state()) m.set_optimizer_step(optimizer_step);
-      if (!writer->Write(m)) return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+    for (std::vector<Part>& parts : messages) {
+      WireBuilder m;
+      m.Int64(field::kPullVersion, version);
+      if (req->include_state()) m.Int64(field::kPullOptimizerStep, optimizer_step);
+      for (Part& p : parts) m.Chunk(field::kPullChunks, p.header, std::move(p.data));
+      if (!writer->Write(m.Finish())) return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
     }
     return grpc::Status::OK;
   }
 
-  grpc::Status Info(grpc::ServerContext* ctx, const ShardInfoRequest*, ShardInfo* info) override {
+  grpc::Status Info(grpc::ServerContext* ctx, const ShardInfoRequest*, ShardInfo* info) {
     grpc::Status auth = rpc::CheckJobToken(*ctx, options_.token);
     if (!auth.ok()) return auth;
     info->set_shard(options_.shard.shard);
@@ -336,7 +415,14 @@ void PsServer::Shutdown() {
 
 struct PsClient::Impl {
   PsClientOptions options;
-  std::vector<std::unique_ptr<ParameterServer::Stub>> stubs;
+  struct Shard {
+    std::shared_ptr<grpc::Channel> channel;
+    std::unique_ptr<ParameterServer::Stub> stub;  // Info
+    // The streamed methods, with raw buffers (wire_codec.h).
+    std::unique_ptr<grpc::internal::RpcMethod> init, push, pull;
+    std::map<std::pair<std::string, int64_t>, int64_t> lengths;  // the plan's slices
+  };
+  std::vector<Shard> shards;
 
   void Prepare(grpc::ClientContext* ctx) const {
     rpc::AttachJobToken(ctx, options.token);
@@ -344,7 +430,23 @@ struct PsClient::Impl {
                       std::chrono::milliseconds(static_cast<int64_t>(options.timeout_s * 1000)));
   }
   std::string Where(int s) const { return "shard " + std::to_string(s) + " at " + options.addresses[s]; }
-  int num_shards() const { return static_cast<int>(stubs.size()); }
+  int num_shards() const { return static_cast<int>(shards.size()); }
+
+  std::unique_ptr<grpc::ClientWriter<grpc::ByteBuffer>> OpenInit(int s, grpc::ClientContext* ctx, InitShardReply* reply) const {
+    const Shard& x = shards[static_cast<size_t>(s)];
+    return std::unique_ptr<grpc::ClientWriter<grpc::ByteBuffer>>(
+        grpc::internal::ClientWriterFactory<grpc::ByteBuffer>::Create(x.channel.get(), *x.init, ctx, reply));
+  }
+  std::unique_ptr<grpc::ClientWriter<grpc::ByteBuffer>> OpenPush(int s, grpc::ClientContext* ctx, PushReply* reply) const {
+    const Shard& x = shards[static_cast<size_t>(s)];
+    return std::unique_ptr<grpc::ClientWriter<grpc::ByteBuffer>>(
+        grpc::internal::ClientWriterFactory<grpc::ByteBuffer>::Create(x.channel.get(), *x.push, ctx, reply));
+  }
+  std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> OpenPull(int s, grpc::ClientContext* ctx, const PullRequest& req) const {
+    const Shard& x = shards[static_cast<size_t>(s)];
+    return std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>>(
+        grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(x.channel.get(), *x.pull, ctx, req));
+  }
 
   // One part of a stream: the tensors of one optimizer slot ("" = values).
   struct Part {
@@ -352,12 +454,13 @@ struct PsClient::Impl {
     const ConstTensors* tensors;
   };
 
-  // Streams shard s's slices of every part as messages of type Req; the
-  // first message also carries `header`'s fields.
-  template <typename Req, typename Writer>
-  Status Stream(int s, const std::vector<Part>& parts, Compression encoding, const std::function<void(Req*)>& header,
-                Writer* writer, int64_t* bytes) const {
-    Req msg;
+  // Streams shard s's slices of every part as messages whose chunks are
+  // field `chunks_field`; the first message also carries `header`'s fields.
+  // Float32 data travels from the tensors themselves, pinned in `pins`.
+  Status Stream(int s, const std::vector<Part>& parts, Compression encoding, int chunks_field,
+                const std::function<void(WireBuilder*)>& header, grpc::ClientWriter<grpc::ByteBuffer>* writer,
+                SlicePins* pins, int64_t* bytes) const {
+    WireBuilder msg;
     header(&msg);
     int64_t size = 0;
     bool ok = true;
@@ -368,23 +471,22 @@ struct PsClient::Impl {
           if (!part.slot.empty()) continue;  // no state for this tensor yet
           return Status::InvalidArgument("no tensor '" + sl.name + "' to send");
         }
-        ChunkSlice(sl.name, sl.offset, it->second + sl.offset, sl.length, encoding, options.chunk_bytes,
-                   [&](TensorChunk&& c) {
-                     if (!ok) return;
-                     if (!part.slot.empty()) c.set_slot(part.slot);
-                     const int64_t n = static_cast<int64_t>(c.data().size());
-                     if (size > 0 && size + n > options.chunk_bytes) {
-                       ok = writer->Write(msg);
-                       msg = Req();
-                       size = 0;
-                     }
-                     size += n;
-                     *bytes += n;
-                     *msg.add_chunks() = std::move(c);
-                   });
+        ChunkSliceToWire(sl.name, sl.offset, it->second + sl.offset, sl.length, encoding, options.chunk_bytes,
+                         [pins](const float* data, size_t n) { return pins->Wrap(data, n); },
+                         [&](TensorChunk&& c, grpc::Slice&& data, int64_t n) {
+                           if (!ok) return;
+                           if (!part.slot.empty()) c.set_slot(part.slot);
+                           if (size > 0 && size + n > options.chunk_bytes) {
+                             ok = writer->Write(msg.Finish());
+                             size = 0;
+                           }
+                           size += n;
+                           *bytes += n;
+                           msg.Chunk(chunks_field, c, std::move(data));
+                         });
       }
     }
-    if (ok && (msg.chunks_size() > 0 || msg.ByteSizeLong() > 0)) ok = writer->Write(msg);
+    if (ok && !msg.empty()) ok = writer->Write(msg.Finish());
     (void)ok;  // a failed write shows in Finish()'s status
     return Status::OK();
   }
@@ -428,9 +530,16 @@ Status PsClient::Connect(const PsClientOptions& o, std::unique_ptr<PsClient>* ou
   args.SetMaxReceiveMessageSize(o.max_message_bytes);
   args.SetMaxSendMessageSize(o.max_message_bytes);
   for (const auto& [key, value] : LargeTransferArgs()) args.SetInt(key, value);
-  for (const std::string& a : o.addresses) {
-    c->impl_->stubs.push_back(
-        ParameterServer::NewStub(grpc::CreateCustomChannel(a, grpc::InsecureChannelCredentials(), args)));
+  for (size_t i = 0; i < o.addresses.size(); ++i) {
+    Impl::Shard x;
+    x.channel = grpc::CreateCustomChannel(o.addresses[i], grpc::InsecureChannelCredentials(), args);
+    x.stub = ParameterServer::NewStub(x.channel);
+    using grpc::internal::RpcMethod;
+    x.init = std::make_unique<RpcMethod>(kInitMethod, RpcMethod::CLIENT_STREAMING, x.channel);
+    x.push = std::make_unique<RpcMethod>(kPushMethod, RpcMethod::CLIENT_STREAMING, x.channel);
+    x.pull = std::make_unique<RpcMethod>(kPullMethod, RpcMethod::SERVER_STREAMING, x.channel);
+    for (const ParamSlice& sl : o.plan.shards[i]) x.lengths[{sl.name, sl.offset}] = sl.length;
+    c->impl_->shards.push_back(std::move(x));
   }
   c->versions_.assign(o.addresses.size(), -1);
   *out = std::move(c);
@@ -450,26 +559,27 @@ Status PsClient::Init(const ConstTensors& values, int64_t version, const PsInitO
     grpc::ClientContext ctx;
     impl_->Prepare(&ctx);
     InitShardReply reply;
-    auto writer = impl_->stubs[s]->Init(&ctx, &reply);
-    auto header = [&](InitShardRequest* m) {
-      m->set_version(version);
-      m->set_optimizer_step(options.optimizer_step);
+    SlicePins pins;  // declared before the call: released after it
+    auto writer = impl_->OpenInit(s, &ctx, &reply);
+    auto header = [&](WireBuilder* m) {
+      m->Int64(field::kInitVersion, version);
+      m->Int64(field::kInitOptimizerStep, options.optimizer_step);
       if (!options.send_setup) return;
-      ShardSetup* setup = m->mutable_setup();
-      *setup = options.setup;
-      setup->set_shard(s);
-      setup->set_num_shards(impl_->num_shards());
-      setup->clear_slices();
+      ShardSetup setup = options.setup;
+      setup.set_shard(s);
+      setup.set_num_shards(impl_->num_shards());
+      setup.clear_slices();
       for (const ParamSlice& sl : impl_->options.plan.shards[s]) {
-        ShardSetup::Slice* x = setup->add_slices();
+        ShardSetup::Slice* x = setup.add_slices();
         x->set_name(sl.name);
         x->set_offset(sl.offset);
         x->set_length(sl.length);
       }
+      m->Message(field::kInitSetup, setup);
     };
     // Initial values travel exactly, whatever the transport encoding.
-    DTRAIN_RETURN_IF_ERROR(impl_->Stream<InitShardRequest>(s, parts, COMPRESSION_NONE, header, writer.get(),
-                                                          &bytes_pushed_));
+    DTRAIN_RETURN_IF_ERROR(impl_->Stream(s, parts, COMPRESSION_NONE, field::kInitChunks, header, writer.get(), &pins,
+                                         &bytes_pushed_));
     writer->WritesDone();
     DTRAIN_RETURN_IF_ERROR(rpc::FromGrpc(writer->Finish(), "Init of " + impl_->Where(s)));
     versions_[static_cast<size_t>(s)] = -1;
@@ -489,18 +599,19 @@ Status PsClient::Push(const ConstTensors& grads, std::vector<PushReply>* replies
   std::vector<int64_t> bytes(static_cast<size_t>(n), 0);
   const std::vector<Impl::Part> parts = {{"", &grads}};
   std::vector<Status> results = impl_->ForShards(impl_->Groups(only, /*zero_last=*/true), [&](int s) -> Status {
+    SlicePins pins;  // declared before the call: released after it
     grpc::ClientContext ctx;
     impl_->Prepare(&ctx);
-    auto writer = impl_->stubs[s]->Push(&ctx, &out[static_cast<size_t>(s)]);
+    auto writer = impl_->OpenPush(s, &ctx, &out[static_cast<size_t>(s)]);
     const int64_t base = std::max<int64_t>(bases[static_cast<size_t>(s)], 0);
     const int worker = impl_->options.worker;
-    DTRAIN_RETURN_IF_ERROR(impl_->Stream<PushRequest>(
-        s, parts, impl_->options.encoding,
-        [base, worker](PushRequest* m) {
-          m->set_base_version(base);
-          m->set_worker(worker);
+    DTRAIN_RETURN_IF_ERROR(impl_->Stream(
+        s, parts, impl_->options.encoding, field::kPushChunks,
+        [base, worker](WireBuilder* m) {
+          m->Int64(field::kPushBaseVersion, base);
+          m->Int64(field::kPushWorker, worker);
         },
-        writer.get(), &bytes[static_cast<size_t>(s)]));
+        writer.get(), &pins, &bytes[static_cast<size_t>(s)]));
     writer->WritesDone();
     return rpc::FromGrpc(writer->Finish(), "Push to " + impl_->Where(s));
   });
@@ -516,31 +627,43 @@ Status PsClient::Push(const ConstTensors& grads, std::vector<PushReply>* replies
 
 namespace {
 
-// Reads one Pull stream into `values` (slot "") and `slots`.
-Status ReadPull(grpc::ClientReader<PullReply>* reader, const std::string& where, const Tensors& values,
+// Reads one Pull stream into `values` (slot "") and `slots`; every chunk must
+// lie inside a slice of the shard's plan (`lengths`).
+Status ReadPull(grpc::ClientReader<grpc::ByteBuffer>* reader, const std::string& where,
+                const std::map<std::pair<std::string, int64_t>, int64_t>& lengths, const Tensors& values,
                 const std::map<std::string, Tensors>* slots, int64_t* version, int64_t* optimizer_step,
                 std::set<std::pair<std::string, std::string>>* received, int64_t* bytes) {
-  PullReply msg;
-  while (reader->Read(&msg)) {
-    *version = msg.version();
-    if (optimizer_step) *optimizer_step = std::max(*optimizer_step, msg.optimizer_step());
-    for (const TensorChunk& c : msg.chunks()) {
+  grpc::ByteBuffer buffer;
+  WireMessage msg;
+  while (reader->Read(&buffer)) {
+    DTRAIN_RETURN_IF_ERROR(ParseWireMessage(buffer, field::kPullChunks, &msg).WithContext(where));
+    *version = msg.int64(field::kPullVersion);
+    if (optimizer_step) *optimizer_step = std::max(*optimizer_step, msg.int64(field::kPullOptimizerStep));
+    for (const ChunkRef& c : msg.chunks) {
       const Tensors* target = &values;
-      if (!c.slot().empty()) {
-        auto sit = slots ? slots->find(c.slot()) : std::map<std::string, Tensors>::const_iterator();
-        if (!slots || sit == slots->end()) return Status::InvalidArgument(where + " sent unexpected optimizer slot '" + c.slot() + "'");
+      if (!c.slot.empty()) {
+        auto sit = slots ? slots->find(c.slot) : std::map<std::string, Tensors>::const_iterator();
+        if (!slots || sit == slots->end()) return Status::InvalidArgument(where + " sent unexpected optimizer slot '" + c.slot + "'");
         target = &sit->second;
       }
-      auto it = target->find(c.name());
-      if (it == target->end()) return Status::InvalidArgument(where + " sent unknown tensor '" + c.name() + "'");
-      const int64_t elems = static_cast<int64_t>(c.data().size()) / BytesPerElement(c.encoding());
-      if (c.chunk_offset() < 0 || c.chunk_offset() + elems > c.length()) {
-        return Status::Corruption(where + " sent a chunk outside its slice of '" + c.name() + "'");
+      auto it = target->find(c.name);
+      if (it == target->end()) return Status::InvalidArgument(where + " sent unknown tensor '" + c.name + "'");
+      auto len = lengths.find({c.name, c.offset});
+      if (len == lengths.end() || len->second != c.length) {
+        return Status::Corruption(where + " sent '" + c.name + "' at element " + std::to_string(c.offset) +
+                                  ", not a slice of its plan");
+      }
+      if (c.encoding != COMPRESSION_NONE && c.encoding != COMPRESSION_FP16 && c.encoding != COMPRESSION_BF16) {
+        return Status::Corruption(where + " sent '" + c.name + "' in unknown encoding " + std::to_string(c.encoding));
+      }
+      const int64_t elems = static_cast<int64_t>(c.size) / BytesPerElement(static_cast<Compression>(c.encoding));
+      if (c.chunk_offset < 0 || c.chunk_offset + elems > c.length) {
+        return Status::Corruption(where + " sent a chunk outside its slice of '" + c.name + "'");
       }
       int64_t m = 0;
-      DTRAIN_RETURN_IF_ERROR(DecodeChunk(c, it->second + c.offset() + c.chunk_offset(), &m));
-      *bytes += static_cast<int64_t>(c.data().size());
-      if (received && !c.slot().empty()) received->insert({c.slot(), c.name()});
+      DTRAIN_RETURN_IF_ERROR(DecodeChunk(c, it->second + c.offset + c.chunk_offset, &m));
+      *bytes += static_cast<int64_t>(c.size);
+      if (received && !c.slot.empty()) received->insert({c.slot, c.name});
     }
   }
   return Status::OK();
@@ -562,8 +685,8 @@ Status PsClient::Pull(const Tensors& params, const PullOptions& options) {
       req.set_lease(true);
       req.set_worker(impl_->options.worker);
     }
-    auto reader = impl_->stubs[s]->Pull(&ctx, req);
-    DTRAIN_RETURN_IF_ERROR(ReadPull(reader.get(), impl_->Where(s), params, nullptr, &got_version[static_cast<size_t>(s)],
+    auto reader = impl_->OpenPull(s, &ctx, req);
+    DTRAIN_RETURN_IF_ERROR(ReadPull(reader.get(), impl_->Where(s), impl_->shards[static_cast<size_t>(s)].lengths, params, nullptr, &got_version[static_cast<size_t>(s)],
                                     nullptr, nullptr, &bytes[static_cast<size_t>(s)]));
     return rpc::FromGrpc(reader->Finish(), "Pull from " + impl_->Where(s));
   });
@@ -593,8 +716,9 @@ Status PsClient::PullState(const Tensors& params, const std::map<std::string, Te
                                                    impl_->Prepare(&ctx);
                                                    PullRequest req;
                                                    req.set_include_state(true);
-                                                   auto reader = impl_->stubs[s]->Pull(&ctx, req);
-                                                   DTRAIN_RETURN_IF_ERROR(ReadPull(reader.get(), impl_->Where(s), params,
+                                                   auto reader = impl_->OpenPull(s, &ctx, req);
+                                                   DTRAIN_RETURN_IF_ERROR(ReadPull(reader.get(), impl_->Where(s),
+                                                                                   impl_->shards[i].lengths, params,
                                                                                    &slots, &got_version[i], &steps[i],
                                                                                    &received[i], &bytes[i]));
                                                    return rpc::FromGrpc(reader->Finish(),
@@ -613,10 +737,10 @@ Status PsClient::PullState(const Tensors& params, const std::map<std::string, Te
 }
 
 Status PsClient::Info(int shard, ShardInfo* info) {
-  if (shard < 0 || shard >= static_cast<int>(impl_->stubs.size())) return Status::InvalidArgument("no shard " + std::to_string(shard));
+  if (shard < 0 || shard >= impl_->num_shards()) return Status::InvalidArgument("no shard " + std::to_string(shard));
   grpc::ClientContext ctx;
   impl_->Prepare(&ctx);
-  return rpc::FromGrpc(impl_->stubs[shard]->Info(&ctx, ShardInfoRequest(), info), "Info of " + impl_->Where(shard));
+  return rpc::FromGrpc(impl_->shards[static_cast<size_t>(shard)].stub->Info(&ctx, ShardInfoRequest(), info), "Info of " + impl_->Where(shard));
 }
 
 }  // namespace dtrain::paramserver

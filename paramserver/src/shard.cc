@@ -7,13 +7,78 @@
 #include <algorithm>
 
 namespace dtrain::paramserver {
+namespace {
+
+// The index of the first NaN or infinity in x[0, n), or n. Blocks are checked
+// by OR-ing a bit test (all exponent bits set), which vectorises; only a
+// block that has one is searched element by element.
+int64_t FirstNonFinite(const float* x, int64_t n) {
+  constexpr int64_t kBlock = 4096;
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t end = std::min(n, begin + kBlock);
+    uint32_t bad = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, x + i, sizeof bits);
+      bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+    }
+    if (bad == 0) continue;
+    for (int64_t i = begin; i < end; ++i) {
+      if (!std::isfinite(x[i])) return i;
+    }
+  }
+  return n;
+}
+
+// Calls fn(begin, block, n) for consecutive blocks of a view's elements:
+// its data at once, or its pieces through an aligned staging block small
+// enough to stay in cache (so pieces cost no pass over memory of their own,
+// and an element split between two pieces is joined).
+void ForEachBlock(const SliceView& v, const std::function<void(int64_t, const float*, int64_t)>& fn) {
+  if (v.data != nullptr || v.pieces.empty()) {
+    if (v.length > 0) fn(0, v.data, v.length);
+    return;
+  }
+  constexpr int64_t kBlock = 16384;  // 64 KiB
+  thread_local std::unique_ptr<float[]> staging(new float[kBlock]);
+  auto* dst = reinterpret_cast<uint8_t*>(staging.get());
+  constexpr size_t kBlockBytes = kBlock * sizeof(float);
+  size_t filled = 0;
+  int64_t begin = 0;
+  for (auto [p, n] : v.pieces) {
+    while (n > 0) {
+      const size_t k = std::min(n, kBlockBytes - filled);
+      std::memcpy(dst + filled, p, k);
+      filled += k;
+      p += k;
+      n -= k;
+      if (filled == kBlockBytes) {
+        fn(begin, staging.get(), kBlock);
+        begin += kBlock;
+        filled = 0;
+      }
+    }
+  }
+  if (filled > 0) fn(begin, staging.get(), static_cast<int64_t>(filled / sizeof(float)));
+}
+
+// Copies a view's elements to dst[0, length).
+void CopyView(const SliceView& v, float* dst) {
+  ForEachBlock(v, [dst](int64_t begin, const float* x, int64_t n) {
+    std::memcpy(dst + begin, x, sizeof(float) * static_cast<size_t>(n));
+  });
+}
+
+}  // namespace
 
 struct ParameterShard::Slot {
   ParamSlice slice;
   std::mutex mu;
-  std::vector<float> values;  // GUARDED_BY(mu)
-  SlotState state;            // GUARDED_BY(mu)
-  int64_t changed_at = 0;     // GUARDED_BY(mu)
+  // The values; pulls in flight may hold references (shard.h: copy on write).
+  std::shared_ptr<float[]> values;  // GUARDED_BY(mu)
+  std::shared_ptr<float[]> spare;   // GUARDED_BY(mu); the other array, when a push needed one
+  SlotState state;                  // GUARDED_BY(mu)
+  int64_t changed_at = 0;           // GUARDED_BY(mu)
 };
 
 ParameterShard::~ParameterShard() = default;
@@ -36,7 +101,7 @@ Status ParameterShard::Create(const ShardOptions& options, std::unique_ptr<Param
     }
     auto slot = std::make_unique<Slot>();
     slot->slice = p;
-    slot->values.assign(static_cast<size_t>(p.length), 0.f);
+    slot->values.reset(new float[static_cast<size_t>(std::max<int64_t>(p.length, 1))]());
     if (!s->slots_.emplace(std::make_pair(p.name, p.offset), std::move(slot)).second) {
       return Status::InvalidArgument("slice " + p.name + "@" + std::to_string(p.offset) + " is listed twice");
     }
@@ -63,7 +128,14 @@ Status ParameterShard::Validate(const std::vector<SliceView>& views, bool need_a
       return Status::InvalidArgument("slice " + where + " has " + std::to_string(v.length) + " elements, the shard's has " +
                                      std::to_string(it->second->slice.length));
     }
-    if (v.data == nullptr) return Status::InvalidArgument("slice " + where + " carries no data");
+    if (v.data == nullptr) {
+      size_t bytes = 0;
+      for (const auto& piece : v.pieces) bytes += piece.second;
+      if (bytes != sizeof(float) * static_cast<size_t>(v.length) || (v.pieces.empty() && v.length > 0)) {
+        return Status::InvalidArgument("slice " + where + " carries " + std::to_string(bytes) + " bytes of data for " +
+                                       std::to_string(v.length) + " elements");
+      }
+    }
     if (!seen.insert({v.name, v.offset}).second) return Status::InvalidArgument("slice " + where + " appears twice");
     slots->push_back(it->second.get());
   }
@@ -97,7 +169,7 @@ Status ParameterShard::Initialize(const std::vector<SliceView>& views, int64_t v
     }
     auto it = slots_.find({v->name, v->offset});
     if (it == slots_.end()) return Status::InvalidArgument(where + ": shard " + std::to_string(options_.shard) + " holds no such slice");
-    if (v->length != it->second->slice.length || v->data == nullptr) {
+    if (v->length != it->second->slice.length || (v->data == nullptr && v->pieces.empty() && v->length > 0)) {
       return Status::InvalidArgument(where + " has " + std::to_string(v->length) + " elements, the slice " +
                                      std::to_string(it->second->slice.length));
     }
@@ -108,7 +180,7 @@ Status ParameterShard::Initialize(const std::vector<SliceView>& views, int64_t v
   std::lock_guard<std::mutex> apply(apply_mu_);
   for (size_t i = 0; i < values.size(); ++i) {
     std::lock_guard<std::mutex> lock(slots[i]->mu);
-    std::memcpy(slots[i]->values.data(), values[i].data, sizeof(float) * static_cast<size_t>(values[i].length));
+    CopyView(values[i], slots[i]->values.get());
     slots[i]->state = SlotState();
     slots[i]->state.step = optimizer_step;
     slots[i]->changed_at = version;
@@ -119,7 +191,8 @@ Status ParameterShard::Initialize(const std::vector<SliceView>& views, int64_t v
     std::vector<float>& dst = state[i]->slot == "momentum_buffer" ? st.momentum_buffer
                               : state[i]->slot == "exp_avg"       ? st.exp_avg
                                                                   : st.exp_avg_sq;
-    dst.assign(state[i]->data, state[i]->data + state[i]->length);
+    dst.resize(static_cast<size_t>(state[i]->length));
+    CopyView(*state[i], dst.data());
   }
   version_ = version;
   leases_.clear();
@@ -209,8 +282,12 @@ Status ParameterShard::Push(int64_t base_version, const std::vector<SliceView>& 
     return valid;
   }
   for (const SliceView& g : grads) {
-    for (int64_t i = 0; i < g.length; ++i) {
-      if (std::isfinite(g.data[i])) continue;
+    int64_t i = g.length;
+    ForEachBlock(g, [&i](int64_t begin, const float* x, int64_t n) {
+      const int64_t j = FirstNonFinite(x, n);
+      if (j < n) i = std::min(i, begin + j);
+    });
+    if (i < g.length) {
       const std::string what = "gradient of '" + g.name + "' is not finite at element " + std::to_string(g.offset + i);
       if (options_.nonfinite_policy == AsyncConfig::NONFINITE_SKIP) {
         count(&ShardCounters::skipped_nonfinite);
@@ -243,7 +320,19 @@ Status ParameterShard::Push(int64_t base_version, const std::vector<SliceView>& 
   for (size_t i = 0; i < grads.size(); ++i) {
     Slot* s = slots[i];
     std::lock_guard<std::mutex> lock(s->mu);
-    optimizer_.Apply(s->values.data(), grads[i].data, grads[i].length, lr, &s->state);
+    const ServerOptimizer::Step step = optimizer_.Begin(grads[i].length, lr, &s->state);
+    float* in = s->values.get();
+    float* out = in;
+    // References are taken only under this lock, so a count of 1 means
+    // no pull holds these values; otherwise write the update elsewhere.
+    if (s->values.use_count() > 1) {
+      if (!s->spare || s->spare.use_count() > 1) {
+        s->spare.reset(new float[static_cast<size_t>(std::max<int64_t>(grads[i].length, 1))]);
+      }
+      out = s->spare.get();
+    }
+    ForEachBlock(grads[i], [&](int64_t begin, const float* g, int64_t n) { optimizer_.Run(step, in, out, g, begin, n); });
+    if (out != in) std::swap(s->values, s->spare);
     s->changed_at = v + 1;
   }
   version_ = v + 1;
@@ -258,14 +347,16 @@ Status ParameterShard::Push(int64_t base_version, const std::vector<SliceView>& 
   return Status::OK();
 }
 
-Status ParameterShard::VisitChanged(int64_t since_version, int64_t* version,
-                                    const std::function<void(const ParamSlice&, const float*)>& visit) const {
+Status ParameterShard::VisitChanged(
+    int64_t since_version, int64_t* version,
+    const std::function<void(const ParamSlice&, const float*, const std::shared_ptr<const float[]>&)>& visit) const {
   if (!initialized_) return Status::FailedPrecondition("shard " + std::to_string(options_.shard) + " is not initialised");
   *version = version_.load();
   for (const auto& [key, slot] : slots_) {
     std::lock_guard<std::mutex> lock(slot->mu);
     if (since_version >= 0 && slot->changed_at <= since_version) continue;
-    visit(slot->slice, slot->values.data());
+    const std::shared_ptr<const float[]> owner = slot->values;
+    visit(slot->slice, owner.get(), owner);
   }
   return Status::OK();
 }
@@ -280,7 +371,7 @@ Status ParameterShard::VisitState(
   for (const auto& [key, slot] : slots_) {
     std::lock_guard<std::mutex> lock(slot->mu);
     *optimizer_step = std::max(*optimizer_step, slot->state.step);
-    visit(slot->slice, "", slot->values.data());
+    visit(slot->slice, "", slot->values.get());
     const SlotState& st = slot->state;
     if (!st.momentum_buffer.empty()) visit(slot->slice, "momentum_buffer", st.momentum_buffer.data());
     if (!st.exp_avg.empty()) visit(slot->slice, "exp_avg", st.exp_avg.data());
@@ -291,7 +382,7 @@ Status ParameterShard::VisitState(
 
 Status ParameterShard::Pull(int64_t since_version, std::vector<SliceValues>* out, int64_t* version) const {
   out->clear();
-  return VisitChanged(since_version, version, [&](const ParamSlice& s, const float* v) {
+  return VisitChanged(since_version, version, [&](const ParamSlice& s, const float* v, const std::shared_ptr<const float[]>&) {
     out->push_back(SliceValues{s.name, s.offset, std::vector<float>(v, v + s.length), 0});
   });
 }

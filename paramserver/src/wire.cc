@@ -37,23 +37,53 @@ void ChunkSlice(const std::string& name, int64_t offset, const float* data, int6
   }
 }
 
-Status DecodeChunk(const TensorChunk& chunk, float* dst, int64_t* n) {
-  const int64_t bpe = BytesPerElement(chunk.encoding());
-  const int64_t size = static_cast<int64_t>(chunk.data().size());
+ChunkRef ChunkRef::Of(const TensorChunk& c) {
+  ChunkRef r;
+  r.name = c.name();
+  r.offset = c.offset();
+  r.length = c.length();
+  r.chunk_offset = c.chunk_offset();
+  r.encoding = c.encoding();
+  r.slot = c.slot();
+  r.size = c.data().size();
+  if (r.size > 0) r.pieces.emplace_back(reinterpret_cast<const uint8_t*>(c.data().data()), r.size);
+  return r;
+}
+
+void ChunkRef::CopyTo(void* dst) const {
+  auto* out = static_cast<uint8_t*>(dst);
+  for (const auto& [p, n] : pieces) {
+    std::memcpy(out, p, n);
+    out += n;
+  }
+}
+
+Status DecodeChunk(const ChunkRef& chunk, float* dst, int64_t* n) {
+  const int64_t bpe = BytesPerElement(static_cast<Compression>(chunk.encoding));
+  const int64_t size = static_cast<int64_t>(chunk.size);
   if (size % bpe != 0) {
-    return Status::InvalidArgument("chunk of '" + chunk.name() + "' has " + std::to_string(size) +
+    return Status::InvalidArgument("chunk of '" + chunk.name + "' has " + std::to_string(size) +
                                    " bytes, not a whole number of " + std::to_string(bpe) + "-byte elements");
   }
   *n = size / bpe;
-  const char* src = chunk.data().data();
-  if (chunk.encoding() == COMPRESSION_NONE) {
-    std::memcpy(dst, src, static_cast<size_t>(size));
-  } else {
-    for (int64_t i = 0; i < *n; ++i) {
-      uint16_t h;
-      std::memcpy(&h, src + 2 * i, 2);
-      dst[i] = chunk.encoding() == COMPRESSION_FP16 ? half::Fp16ToFloat(h) : half::Bf16ToFloat(h);
-    }
+  if (chunk.encoding == COMPRESSION_NONE) {
+    chunk.CopyTo(dst);
+    return Status::OK();
+  }
+  // Half precision: an element may straddle two pieces, so decode from one
+  // contiguous run.
+  std::vector<uint8_t> joined;
+  const uint8_t* src = chunk.pieces.empty() ? nullptr : chunk.pieces[0].first;
+  if (chunk.pieces.size() > 1) {
+    joined.resize(chunk.size);
+    chunk.CopyTo(joined.data());
+    src = joined.data();
+  }
+  const bool fp16 = chunk.encoding == COMPRESSION_FP16;
+  for (int64_t i = 0; i < *n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, src + 2 * i, 2);
+    dst[i] = fp16 ? half::Fp16ToFloat(h) : half::Bf16ToFloat(h);
   }
   return Status::OK();
 }
@@ -61,53 +91,52 @@ Status DecodeChunk(const TensorChunk& chunk, float* dst, int64_t* n) {
 SliceAssembler::SliceAssembler(std::function<int64_t(const std::string&, int64_t)> length_of)
     : length_of_(std::move(length_of)) {}
 
-Status SliceAssembler::Add(const TensorChunk& c) {
-  const std::string where = "'" + c.name() + "' at element " + std::to_string(c.offset()) +
-                            (c.slot().empty() ? std::string() : " (optimizer slot '" + c.slot() + "')");
-  const int64_t length = length_of_(c.name(), c.offset());
+Status SliceAssembler::Add(const ChunkRef& c) {
+  const std::string where = "'" + c.name + "' at element " + std::to_string(c.offset) +
+                            (c.slot.empty() ? std::string() : " (optimizer slot '" + c.slot + "')");
+  const int64_t length = length_of_(c.name, c.offset);
   if (length < 0) return Status::InvalidArgument("no slice " + where + " on this shard (unknown tensor or another shard's part)");
-  if (c.length() != length) {
+  if (c.length != length) {
     return Status::InvalidArgument("slice " + where + " has " + std::to_string(length) + " elements, the chunk says " +
-                                   std::to_string(c.length()));
+                                   std::to_string(c.length));
   }
-  if (c.encoding() != COMPRESSION_NONE && c.encoding() != COMPRESSION_FP16 && c.encoding() != COMPRESSION_BF16) {
-    return Status::InvalidArgument("slice " + where + ": unknown encoding");
+  if (c.encoding != COMPRESSION_NONE && c.encoding != COMPRESSION_FP16 && c.encoding != COMPRESSION_BF16) {
+    return Status::InvalidArgument("slice " + where + ": unknown encoding " + std::to_string(c.encoding));
   }
-  const int64_t bpe = BytesPerElement(c.encoding());
-  const int64_t n = static_cast<int64_t>(c.data().size()) / bpe;
-  if (c.chunk_offset() < 0 || c.chunk_offset() + n > length) {
-    return Status::InvalidArgument("chunk [" + std::to_string(c.chunk_offset()) + ", " +
-                                   std::to_string(c.chunk_offset() + n) + ") lies outside slice " + where + " of " +
+  const int64_t bpe = BytesPerElement(static_cast<Compression>(c.encoding));
+  const int64_t n = static_cast<int64_t>(c.size) / bpe;
+  if (c.chunk_offset < 0 || c.chunk_offset + n > length) {
+    return Status::InvalidArgument("chunk [" + std::to_string(c.chunk_offset) + ", " +
+                                   std::to_string(c.chunk_offset + n) + ") lies outside slice " + where + " of " +
                                    std::to_string(length) + " elements");
   }
-  Buffer& b = buffers_[{c.name(), c.offset(), c.slot()}];
+  Buffer& b = buffers_[{c.name, c.offset, c.slot}];
   b.length = length;
   for (const auto& [lo, hi] : b.filled) {
-    if (c.chunk_offset() < hi && lo < c.chunk_offset() + n) {
+    if (c.chunk_offset < hi && lo < c.chunk_offset + n) {
       return Status::InvalidArgument("chunks of slice " + where + " overlap at element " +
-                                     std::to_string(std::max(lo, c.chunk_offset())));
+                                     std::to_string(std::max(lo, c.chunk_offset)));
     }
   }
-  if (static_cast<int64_t>(c.data().size()) % bpe != 0) {
-    return Status::InvalidArgument("chunk of '" + c.name() + "' has " + std::to_string(c.data().size()) +
+  if (static_cast<int64_t>(c.size) % bpe != 0) {
+    return Status::InvalidArgument("chunk of '" + c.name + "' has " + std::to_string(c.size) +
                                    " bytes, not a whole number of " + std::to_string(bpe) + "-byte elements");
   }
-  if (c.encoding() == COMPRESSION_NONE && c.chunk_offset() == 0 && n == length && b.filled.empty() &&
-      reinterpret_cast<uintptr_t>(c.data().data()) % alignof(float) == 0) {
-    b.borrowed = reinterpret_cast<const float*>(c.data().data());
-    b.filled.emplace_back(0, n);
+  if (c.encoding == COMPRESSION_NONE) {
+    b.runs.emplace_back(c.chunk_offset, c.pieces);
+    b.filled.emplace_back(c.chunk_offset, c.chunk_offset + n);
     return Status::OK();
   }
   if (!b.data) b.data.reset(new float[static_cast<size_t>(length)]);
   int64_t got = 0;
-  DTRAIN_RETURN_IF_ERROR(DecodeChunk(c, b.data.get() + c.chunk_offset(), &got));
-  b.filled.emplace_back(c.chunk_offset(), c.chunk_offset() + got);
+  DTRAIN_RETURN_IF_ERROR(DecodeChunk(c, b.data.get() + c.chunk_offset, &got));
+  b.filled.emplace_back(c.chunk_offset, c.chunk_offset + got);
   return Status::OK();
 }
 
-Status SliceAssembler::Finish(std::vector<SliceView>* out) const {
+Status SliceAssembler::Finish(std::vector<SliceView>* out) {
   out->clear();
-  for (const auto& [key, b] : buffers_) {
+  for (auto& [key, b] : buffers_) {
     int64_t covered = 0;
     for (const auto& [lo, hi] : b.filled) covered += hi - lo;
     if (covered != b.length) {
@@ -115,8 +144,27 @@ Status SliceAssembler::Finish(std::vector<SliceView>* out) const {
                                      " is incomplete: " + std::to_string(covered) + " of " + std::to_string(b.length) +
                                      " elements sent");
     }
-    out->push_back(SliceView{std::get<0>(key), std::get<1>(key), b.length, b.borrowed ? b.borrowed : b.data.get(),
-                             std::get<2>(key)});
+    SliceView v{std::get<0>(key), std::get<1>(key), b.length, nullptr, std::get<2>(key), {}};
+    std::sort(b.runs.begin(), b.runs.end(),
+              [](const auto& x, const auto& y) { return x.first < y.first; });
+    if (b.data) {
+      // Some chunks were half precision: join everything in the buffer.
+      for (const auto& [begin, pieces] : b.runs) {
+        auto* dst = reinterpret_cast<uint8_t*>(b.data.get() + begin);
+        for (const auto& [p, n] : pieces) {
+          std::memcpy(dst, p, n);
+          dst += n;
+        }
+      }
+      v.data = b.data.get();
+    } else {
+      for (const auto& run : b.runs) v.pieces.insert(v.pieces.end(), run.second.begin(), run.second.end());
+      if (v.pieces.size() == 1 && reinterpret_cast<uintptr_t>(v.pieces[0].first) % alignof(float) == 0) {
+        v.data = reinterpret_cast<const float*>(v.pieces[0].first);
+        v.pieces.clear();
+      }
+    }
+    out->push_back(std::move(v));
   }
   return Status::OK();
 }

@@ -21,6 +21,7 @@
 #include "dtrain/paramserver/optimizer.h"
 #include "dtrain/paramserver/service.h"
 #include "dtrain/paramserver/wire.h"
+#include "dtrain/paramserver/wire_codec.h"
 #include "dtrain/paramserver/sharding.h"
 
 namespace dtrain::paramserver {
@@ -337,6 +338,184 @@ TEST(ParameterShardTest, MalformedPushesChangeNothing) {
   EXPECT_EQ(skip.Values(), skip.init);
   // Initialising with a partial set of slices is refused too.
   EXPECT_EQ(s0.Initialize({}, 0).code(), Status::Code::kInvalidArgument);
+}
+
+// The bytes of `v` cut into pieces of the given sizes, in turn (odd sizes put
+// element boundaries inside pieces and split elements between two).
+std::vector<std::pair<const uint8_t*, size_t>> CutIntoPieces(const std::vector<float>& v, const std::vector<size_t>& sizes) {
+  std::vector<std::pair<const uint8_t*, size_t>> pieces;
+  const auto* p = reinterpret_cast<const uint8_t*>(v.data());
+  size_t left = v.size() * sizeof(float);
+  for (size_t i = 0; left > 0; ++i) {
+    const size_t n = std::min(left, sizes[i % sizes.size()]);
+    pieces.emplace_back(p, n);
+    p += n;
+    left -= n;
+  }
+  return pieces;
+}
+
+TEST(ParameterShardTest, PushesInPiecesEqualPushesInOnePiece) {
+  // The service applies gradients straight from the received buffers, whose
+  // boundaries fall anywhere; the result must not depend on them.
+  TwoShards whole(SgdOptions(10)), cut(SgdOptions(10));
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal;
+  for (int step = 0; step < 4; ++step) {
+    std::map<std::string, std::vector<float>> g;
+    for (const char* name : {"w", "b"}) {
+      auto& v = g[name];
+      v.resize(std::string(name) == "w" ? 600 : 40);
+      for (float& x : v) x = normal(rng);
+    }
+    for (int s = 0; s < 2; ++s) {
+      PushResult r;
+      ASSERT_TRUE(whole.shards[s]->Push(step, whole.Grads(s, g), &r).ok());
+      std::vector<SliceView> views = cut.Grads(s, g);
+      std::vector<std::vector<float>> copies;
+      copies.reserve(views.size());
+      for (SliceView& v : views) {
+        copies.emplace_back(v.data, v.data + v.length);
+        v.data = nullptr;
+        v.pieces = CutIntoPieces(copies.back(), {7, 1, 130, 4, 65539});
+      }
+      ASSERT_TRUE(cut.shards[s]->Push(step, views, &r).ok());
+    }
+  }
+  EXPECT_EQ(cut.Values(), whole.Values());
+  // A non-finite element split between two pieces is found, and named.
+  const ParamSlice first = cut.plan.shards[0][0];
+  std::vector<float> grad(static_cast<size_t>(first.length), 0.5f);
+  grad[9] = std::numeric_limits<float>::infinity();
+  SliceView v{first.name, first.offset, first.length, nullptr, "", CutIntoPieces(grad, {38, 7})};
+  PushResult r;
+  Status st = cut.shards[0]->Push(cut.shards[0]->version(), {v}, &r);
+  EXPECT_EQ(st.code(), Status::Code::kInvalidArgument);
+  EXPECT_THAT(st.message(), HasSubstr("not finite at element " + std::to_string(first.offset + 9)));
+  // Pieces that do not add up to the slice are refused.
+  const std::vector<float> short_grad(static_cast<size_t>(first.length) - 1, 0.5f);
+  v.pieces = CutIntoPieces(short_grad, {64});
+  EXPECT_THAT(cut.shards[0]->Push(cut.shards[0]->version(), {v}, &r).message(), HasSubstr("bytes of data for"));
+}
+
+TEST(ParameterShardTest, APullInFlightKeepsTheValuesItRead) {
+  // VisitChanged hands out the values without copying them; a push that
+  // comes while a pull still holds them writes elsewhere (copy on write).
+  TwoShards ps(SgdOptions(10));
+  ParameterShard& s0 = *ps.shards[0];
+  std::map<std::string, std::shared_ptr<const float[]>> held;
+  std::map<std::string, std::vector<float>> read;
+  int64_t version = 0;
+  ASSERT_TRUE(s0.VisitChanged(-1, &version, [&](const ParamSlice& s, const float* v, const std::shared_ptr<const float[]>& owner) {
+    EXPECT_EQ(v, owner.get());
+    held[s.name] = owner;
+    read[s.name].assign(v, v + s.length);
+  }).ok());
+  std::map<std::string, std::vector<float>> g = {{"w", std::vector<float>(600, 0.25f)}, {"b", std::vector<float>(40, 0.25f)}};
+  PushResult r;
+  ASSERT_TRUE(s0.Push(0, ps.Grads(0, g), &r).ok());
+  ASSERT_TRUE(s0.Push(1, ps.Grads(0, g), &r).ok());
+  for (const ParamSlice& sl : ps.plan.shards[0]) {
+    const float* v = held.at(sl.name).get();
+    EXPECT_EQ(std::vector<float>(v, v + sl.length), read.at(sl.name)) << sl.name << ": changed under a pull";
+  }
+  const auto after = ps.Values();
+  for (const ParamSlice& sl : ps.plan.shards[0]) {
+    EXPECT_NE(after.at(sl.name)[static_cast<size_t>(sl.offset)], read.at(sl.name)[0]) << sl.name << ": push not applied";
+  }
+  // The same two pushes on a shard nobody reads give the same values.
+  TwoShards fresh(SgdOptions(10));
+  ASSERT_TRUE(fresh.shards[0]->Push(0, fresh.Grads(0, g), &r).ok());
+  ASSERT_TRUE(fresh.shards[0]->Push(1, fresh.Grads(0, g), &r).ok());
+  const auto expected = fresh.Values();
+  for (const ParamSlice& sl : ps.plan.shards[0]) {
+    for (int64_t i = sl.offset; i < sl.offset + sl.length; ++i) {
+      EXPECT_EQ(after.at(sl.name)[static_cast<size_t>(i)], expected.at(sl.name)[static_cast<size_t>(i)]);
+    }
+  }
+}
+
+TEST(WireCodecTest, ProtobufBytesWrittenAndReadWithoutCopies) {
+  // A PushRequest written by WireBuilder is what protobuf writes, and
+  // ParseWireMessage reads it back however the bytes are cut into slices.
+  std::vector<float> data(1000);
+  for (size_t i = 0; i < data.size(); ++i) data[i] = 0.5f * static_cast<float>(i) - 3.0f;
+  SlicePins pins;
+  WireBuilder b;
+  b.Int64(1, 42);  // base_version
+  b.Int64(2, -1);  // worker (a negative int32)
+  int64_t payload = 0;
+  ChunkSliceToWire("layer.weight", 100, data.data(), 1000, COMPRESSION_NONE, 1600,
+                   [&pins](const float* p, size_t n) { return pins.Wrap(p, n); },
+                   [&](TensorChunk&& c, grpc::Slice&& d, int64_t n) {
+                     payload += n;
+                     b.Chunk(3, c, std::move(d));
+                   });
+  EXPECT_EQ(payload, 4000);
+  grpc::ByteBuffer buffer = b.Finish();
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(buffer.Dump(&slices).ok());
+  std::string bytes;
+  for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  // 1. Protobuf reads the same message.
+  PushRequest pb;
+  ASSERT_TRUE(pb.ParseFromString(bytes));
+  EXPECT_EQ(pb.base_version(), 42);
+  EXPECT_EQ(pb.worker(), -1);
+  ASSERT_EQ(pb.chunks_size(), 3);  // 1,000 floats in chunks of 400
+  EXPECT_EQ(pb.chunks(2).chunk_offset(), 800);
+  EXPECT_EQ(pb.chunks(2).data().size(), 800u);
+  // 2. Our parser, on the bytes cut into slices of awkward sizes.
+  for (size_t cut : {size_t{1}, size_t{3}, size_t{7}, size_t{4096}, bytes.size()}) {
+    std::vector<grpc::Slice> pieces;
+    for (size_t at = 0; at < bytes.size(); at += cut) pieces.emplace_back(bytes.data() + at, std::min(cut, bytes.size() - at));
+    WireMessage m;
+    ASSERT_TRUE(ParseWireMessage(grpc::ByteBuffer(pieces.data(), pieces.size()), 3, &m).ok()) << cut;
+    EXPECT_EQ(m.int64(1), 42);
+    EXPECT_EQ(m.int32(2), -1);
+    ASSERT_EQ(m.chunks.size(), 3u);
+    std::vector<float> back(1000);
+    for (const ChunkRef& c : m.chunks) {
+      EXPECT_EQ(c.name, "layer.weight");
+      EXPECT_EQ(c.offset, 100);
+      EXPECT_EQ(c.length, 1000);
+      int64_t n = 0;
+      ASSERT_TRUE(DecodeChunk(c, back.data() + c.chunk_offset, &n).ok());
+    }
+    EXPECT_EQ(back, data) << "cut " << cut;
+  }
+  // 3. What protobuf writes, our parser reads (the tests' generated stubs).
+  PullReply reply;
+  reply.set_version(7);
+  reply.set_optimizer_step(3);
+  TensorChunk* c = reply.add_chunks();
+  c->set_name("x");
+  c->set_length(2);
+  c->set_slot("momentum_buffer");
+  c->set_data(std::string("\0\0\x80\x3f\0\0\0\x40", 8));
+  const std::string pb_bytes = reply.SerializeAsString();
+  grpc::Slice one(pb_bytes.data(), pb_bytes.size());
+  WireMessage m;
+  ASSERT_TRUE(ParseWireMessage(grpc::ByteBuffer(&one, 1), 2, &m).ok());
+  EXPECT_EQ(m.int64(1), 7);
+  EXPECT_EQ(m.int64(3), 3);
+  ASSERT_EQ(m.chunks.size(), 1u);
+  EXPECT_EQ(m.chunks[0].slot, "momentum_buffer");
+  float two[2];
+  int64_t n = 0;
+  ASSERT_TRUE(DecodeChunk(m.chunks[0], two, &n).ok());
+  EXPECT_EQ(two[0], 1.0f);
+  EXPECT_EQ(two[1], 2.0f);
+  // 4. Malformed bytes: InvalidArgument, never a crash.
+  for (size_t keep : {size_t{1}, size_t{5}, bytes.size() / 2, bytes.size() - 1}) {
+    grpc::Slice part(bytes.data(), keep);
+    WireMessage bad;
+    EXPECT_EQ(ParseWireMessage(grpc::ByteBuffer(&part, 1), 3, &bad).code(), Status::Code::kInvalidArgument) << keep;
+  }
+  const std::string group("\x0b", 1);  // field 1, wire type 3 (a group)
+  grpc::Slice g(group.data(), group.size());
+  WireMessage bad;
+  EXPECT_THAT(ParseWireMessage(grpc::ByteBuffer(&g, 1), 3, &bad).message(), HasSubstr("wire type 3"));
 }
 
 TEST(ParameterShardTest, ConcurrentPushesAreAllApplied) {

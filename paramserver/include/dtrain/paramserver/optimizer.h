@@ -8,7 +8,9 @@
 // checkpoint format uses (optim/<tensor>/<slot>, worker/checkpointing.h):
 // SGD "momentum_buffer"; AdamW "exp_avg", "exp_avg_sq" and "step".
 //
-// Plain float loops over the slice, no LibTorch: a shard links no torch.
+// Plain float loops over the slice, no LibTorch: a shard links no torch. Each
+// case has its own loop so that GCC vectorises it (optimizer.cc is built
+// with -O3).
 //
 // Thread-safety: ServerOptimizer is immutable after construction; Apply may
 // run on many threads at once for different SlotStates (the shard holds one
@@ -39,6 +41,23 @@ class ServerOptimizer {
 
   // One update of `n` elements: param -= lr * direction(grad, state).
   void Apply(float* param, const float* grad, int64_t n, double lr, SlotState* state) const;
+
+  // The same update in parts, for a gradient that arrives block by block
+  // (the shard applies pushes straight from the received buffers):
+  // Begin counts the step and sizes the state of a slice of n elements; Run
+  // updates elements [begin, begin + count) from the gradient block
+  // grad[0, count), reading the parameters at in + begin and writing them at
+  // out + begin (out may equal in; a different out leaves in untouched, for
+  // values a pull still reads). Every element exactly once per update.
+  struct Step {
+    SlotState* state = nullptr;
+    float lr = 0;
+    bool first = false;           // SGD: the momentum buffer starts now
+    float step_size = 0;          // AdamW: lr / (1 - beta1^t)
+    float sqrt_bias_correction2 = 1;  // AdamW: sqrt(1 - beta2^t)
+  };
+  Step Begin(int64_t n, double lr, SlotState* state) const;
+  void Run(const Step& step, const float* in, float* out, const float* grad, int64_t begin, int64_t count) const;
 
   // The slot names of this optimizer's state.
   std::vector<std::string> SlotNames() const;

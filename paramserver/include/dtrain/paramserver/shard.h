@@ -20,9 +20,16 @@
 // exactly; pulls only take the slice locks and run beside pushes.
 //
 // Pull(since) returns the slices changed after version `since` (all of them
-// for since < 0), each copied under its lock, and the version read before
-// copying: a pull that runs beside a push may already see some of that push's
+// for since < 0), each read under its lock, and the version read before
+// reading: a pull that runs beside a push may already see some of that push's
 // slices, and the next pull (since the returned version) fetches the rest.
+//
+// Values are shared, not copied, with the pulls that send them
+// (VisitChanged hands out a reference to a slice's array): a push that finds
+// its slice's array still referenced writes the updated values to a second
+// array and swaps the two, so a pull in flight keeps sending the version it
+// read while the push goes ahead (copy on write, at no extra pass: the
+// optimizer reads one array and writes the other).
 //
 // Staleness policy WAIT (leases). Instead of refusing stale pushes after the
 // fact, the shard makes workers wait before they compute, so that no push is
@@ -69,6 +76,10 @@ struct SliceView {
   const float* data = nullptr;
   // Empty for values and gradients; an optimizer slot name for state.
   std::string slot;
+  // Instead of `data` (then null): the float32 bytes as runs of received
+  // buffers, in order (the service applies pushes straight from them; an
+  // element may straddle two runs). Their sizes add up to 4 x length.
+  std::vector<std::pair<const uint8_t*, size_t>> pieces;
 };
 
 // A slice's values as pulled.
@@ -131,8 +142,11 @@ class ParameterShard {
   Status Pull(int64_t since_version, std::vector<SliceValues>* out, int64_t* version) const;
   // As Pull, without the copy: `visit` sees each changed slice's values under
   // its lock (it must not call back into the shard).
+  // `owner` keeps the values alive and unchanged for as long as it is held
+  // (the service passes it to gRPC with the bytes it sends).
   Status VisitChanged(int64_t since_version, int64_t* version,
-                      const std::function<void(const ParamSlice&, const float* values)>& visit) const;
+                      const std::function<void(const ParamSlice&, const float* values,
+                                               const std::shared_ptr<const float[]>& owner)>& visit) const;
 
   // Everything a checkpoint needs, consistent with one version: `visit` sees
   // every slice's values (slot "") and each non-empty optimizer slot; pushes

@@ -22,6 +22,25 @@
 
 namespace dtrain::paramserver {
 
+// One TensorChunk as it arrived: its fields, and its data as the pieces of
+// the received buffers that hold it (service.cc parses the wire without
+// copying; wire_codec.h), valid while those buffers live.
+struct ChunkRef {
+  std::string name;
+  int64_t offset = 0;
+  int64_t length = 0;
+  int64_t chunk_offset = 0;
+  int encoding = COMPRESSION_NONE;  // a Compression value, not yet checked
+  std::string slot;
+  std::vector<std::pair<const uint8_t*, size_t>> pieces;
+  size_t size = 0;  // bytes of data in all
+
+  // The chunk of a parsed protobuf message (one piece pointing into it).
+  static ChunkRef Of(const TensorChunk& c);
+  // Copies the data to dst[0, size).
+  void CopyTo(void* dst) const;
+};
+
 // Bytes per element of an encoding (4, or 2 for fp16/bf16).
 int64_t BytesPerElement(Compression encoding);
 
@@ -32,7 +51,8 @@ void ChunkSlice(const std::string& name, int64_t offset, const float* data, int6
 
 // Decodes a chunk's data into dst[0, n). InvalidArgument when the size is
 // not a whole number of elements.
-Status DecodeChunk(const TensorChunk& chunk, float* dst, int64_t* n);
+Status DecodeChunk(const ChunkRef& chunk, float* dst, int64_t* n);
+inline Status DecodeChunk(const TensorChunk& chunk, float* dst, int64_t* n) { return DecodeChunk(ChunkRef::Of(chunk), dst, n); }
 
 // Collects the chunks of one push (or init) into whole slices, checking each
 // against the shard's slices before allocating anything: an unknown slice, a
@@ -43,18 +63,21 @@ class SliceAssembler {
   // `length_of(name, offset)` returns the shard's slice length, or -1.
   explicit SliceAssembler(std::function<int64_t(const std::string&, int64_t)> length_of);
 
-  // A float32 chunk that is a whole slice is not copied: its view points
-  // into `chunk`, which must then outlive the views Finish() returns (the
-  // service keeps every message of a push until it is applied).
-  Status Add(const TensorChunk& chunk);
+  // Float32 chunks are not copied: the views point into the chunks' buffers
+  // (SliceView::pieces, or data for a slice in one aligned piece), which must
+  // then outlive the views Finish() returns (the service keeps every message
+  // of a push until it is applied). Half-precision chunks are decoded.
+  Status Add(const ChunkRef& chunk);
+  Status Add(const TensorChunk& chunk) { return Add(ChunkRef::Of(chunk)); }
   // The assembled slices (views into this object's buffers or the chunks).
-  Status Finish(std::vector<SliceView>* out) const;
+  Status Finish(std::vector<SliceView>* out);
 
  private:
+  using Pieces = std::vector<std::pair<const uint8_t*, size_t>>;
   struct Buffer {
-    std::unique_ptr<float[]> data;  // allocated for partial chunks only; not zeroed
+    std::unique_ptr<float[]> data;  // decoded half-precision chunks; not zeroed
     int64_t length = 0;
-    const float* borrowed = nullptr;  // a whole float32 chunk, not copied
+    std::vector<std::pair<int64_t, Pieces>> runs;  // float32 chunks by first element, not copied
     std::vector<std::pair<int64_t, int64_t>> filled;  // [begin, end) ranges
   };
   std::function<int64_t(const std::string&, int64_t)> length_of_;
