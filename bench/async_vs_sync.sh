@@ -21,9 +21,14 @@
 #
 #   bench/async_vs_sync.sh [EPOCHS] [THRESHOLDS]   (default 3, "0.85 0.87 0.88 0.90")
 #   ASYNC_VARIANTS="name=parallelism... ..." adds async runs (each also with
-#   the slow worker); default: pull_first
-#   (prefetch: false, the default); bench/results/async_vs_sync_prefetch.json
-#   holds a run of prefetch=...prefetch:true.
+#   the slow worker); default: pull_first (prefetch: false, the default) and
+#   shared (share_work: true: the job ends at a global number of updates, so
+#   the fast worker takes over the slow one's share);
+#   bench/results/async_vs_sync_prefetch.json holds a run of
+#   prefetch=...prefetch:true.
+#   EVERY_STEPS=N adds a checkpoint every N steps (the job's steps under
+#   share_work) to the end-of-epoch ones, for a finer curve in every mode.
+#   OUT=FILE writes the JSON elsewhere (default bench/results/async_vs_sync.json).
 # Prints a table and writes bench/results/async_vs_sync.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +47,8 @@ run() {  # name parallelism slow_factor
   date +%s.%N >"$TMP/$name.start"
   "$DTRAIN" run configs/async_arcface.textproto --set "$par" --set training.epochs="$EPOCHS" \
     --set training.threads=1 --set launch.workers=2 --set training.slow_rank=1 --set training.slow_factor="$slow" \
-    --set checkpoint.every_epochs=1 --set checkpoint.keep_last=100 --set index.build_at_end=false \
+    --set checkpoint.every_epochs=1 --set checkpoint.every_steps="${EVERY_STEPS:-0}" \
+    --set checkpoint.keep_last=100 --set index.build_at_end=false \
     --set training.log_every_steps=50 --run-dir "$TMP/$name" --no-progress >"$TMP/$name.log" 2>&1 \
     || { tail -30 "$TMP/$name.log" >&2; exit 1; }
   date +%s.%N >"$TMP/$name.end"
@@ -57,15 +63,16 @@ run() {  # name parallelism slow_factor
 }
 
 # Interleaved, so that a slower stretch of the shared machine hits both modes.
-ASYNC_VARIANTS="${ASYNC_VARIANTS:-pull_first=parallelism.async={shards:2,max_staleness:4,prefetch:false}}"
+ASYNC_VARIANTS="${ASYNC_VARIANTS:-pull_first=parallelism.async={shards:2,max_staleness:4,prefetch:false} shared=parallelism.async={shards:2,max_staleness:4,share_work:true}}"
 run sync 'parallelism.sync={}' 1
 for v in $ASYNC_VARIANTS; do run "async_${v%%=*}" "${v#*=}" 1; done
 run sync_slow 'parallelism.sync={}' 2
 for v in $ASYNC_VARIANTS; do run "async_${v%%=*}_slow" "${v#*=}" 2; done
 
-ASYNC_VARIANTS_USED="$ASYNC_VARIANTS" python3 - "$TMP" "$EPOCHS" "$THRESHOLDS" <<'PY'
+ASYNC_VARIANTS_USED="$ASYNC_VARIANTS" OUT="${OUT:-bench/results/async_vs_sync.json}" python3 - "$TMP" "$EPOCHS" "$THRESHOLDS" <<'PY'
 import datetime, json, os, re, sys
 tmp, epochs, thresholds = sys.argv[1], int(sys.argv[2]), [float(x) for x in sys.argv[3].split()]
+out_path = os.environ["OUT"]
 runs = {}
 names = sorted((f[:-6] for f in os.listdir(tmp) if f.endswith(".start")), key=lambda n: (n.endswith("_slow"), n != "sync" and n != "sync_slow", n))
 for name in names:
@@ -95,11 +102,15 @@ for name in names:
     for th in thresholds:
         hit = [p["seconds"] for p in points if p["precision_at_1"] >= th]
         to[f"{th:.2f}"] = hit[0] if hit else None
+    log = open(f"{tmp}/{name}.log").read()
+    pushes = {int(w): int(n) for w, n in re.findall(r"async worker (\d+): (\d+) push\(es\) accepted", log)}
     runs[name] = {"wall_seconds": round(end - start, 1), "final_precision_at_1": ev["model"]["precision_at_1"],
+                  "pushes_per_worker": pushes,
                   "final_map_at_r": ev["model"]["map_at_r"], "train_seconds": ev["training"]["seconds"],
                   "checkpoints": points, "seconds_to": to, "paramserver": stats}
 out = {"benchmark": "async_vs_sync", "config": "configs/async_arcface.textproto (ResNet 32-64-128, ArcFace, batch 128 per worker)",
-       "workers": 2, "epochs": epochs, "async": "2 shards, REJECT, max_staleness 4, lr scaled by 1/workers; variants: " + os.environ.get("ASYNC_VARIANTS_USED", ""),
+       "workers": 2, "epochs": epochs, "every_steps": int(os.environ.get("EVERY_STEPS", "0") or 0),
+       "async": "2 shards, REJECT, max_staleness 4, lr scaled by 1/workers; variants: " + os.environ.get("ASYNC_VARIANTS_USED", ""),
        "slow": "worker 1 sleeps after every step as long as the step took (2x slower)",
        "machine": f"{os.cpu_count()} vCPUs, shared", "runs": runs}
 out["goals"] = {}
@@ -115,18 +126,18 @@ for name in runs:
     for th in thresholds:
         a, s = slow["seconds_to"][f"{th:.2f}"], runs["sync_slow"]["seconds_to"][f"{th:.2f}"]
         out["goals"][f"{v} (slow worker): faster than sync to P@1 {th:.2f}"] = None if a is None or s is None else a < s
-json.dump(out, open("bench/results/async_vs_sync.json", "w"), indent=2)
-hdr = "| run | final P@1 | final MAP@R | wall s | " + " | ".join(f"s to P@1 {t:.2f}" for t in thresholds) + " | mean staleness | refused |"
+json.dump(out, open(out_path, "w"), indent=2)
+hdr = "| run | final P@1 | final MAP@R | wall s | " + " | ".join(f"s to P@1 {t:.2f}" for t in thresholds) + " | mean staleness | refused | pushes per worker |"
 print(hdr)
 print("|" + "---|" * (hdr.count("|") - 1))
 for name, r in runs.items():
     cells = [f"{r['seconds_to'][f'{t:.2f}']:.0f}" if r["seconds_to"][f"{t:.2f}"] is not None else "not reached" for t in thresholds]
     ps = r["paramserver"]
     print(f"| {name} | {r['final_precision_at_1']:.4f} | {r['final_map_at_r']:.4f} | {r['wall_seconds']:.0f} | " + " | ".join(cells) +
-          f" | {ps.get('mean_staleness', '-')} | {ps.get('refused_stale', '-')} |")
+          f" | {ps.get('mean_staleness', '-')} | {ps.get('refused_stale', '-')} | {r['pushes_per_worker'] or '-'} |")
 print()
 for name, r in runs.items():
     print(name + ": " + ", ".join(f"step {p['step']} {p['seconds']:.0f} s P@1 {p['precision_at_1']:.4f}" for p in r["checkpoints"]))
 print("goals:", json.dumps(out["goals"]))
-print("written to bench/results/async_vs_sync.json")
+print("written to " + out_path)
 PY

@@ -6,10 +6,14 @@
 // peak activation memory of every stage (heap bytes the forwards of the
 // micro-batches in flight hold; pipeline.h). Beside them, in the same run,
 // one process training the whole model on the same mini-batch with 1 and
-// with 2 threads: the non-pipelined references. With --svg it draws the
-// measured timeline of one mini-batch (M = 4) for GPipe and 1F1B.
+// with 2 threads: the non-pipelined references, measured before and after
+// the pipelines and averaged. With --svg it draws the measured timeline of
+// one mini-batch (M = 4) for GPipe and 1F1B. --widths picks the model: with
+// 40-64-128 the best cut into two stages has equal cost (a balanced
+// partition, which the bubble goal is about).
 //
-//   launch/mpirun.sh -n 2 -- build/bin/bench_pipeline [--batch 128] [--steps 6] [--out FILE] [--svg FILE]
+//   launch/mpirun.sh -n 2 -- build/bin/bench_pipeline [--batch 128] [--steps 6] [--widths 32,64,128]
+//                                                     [--out FILE] [--svg FILE]
 #include <torch/torch.h>
 
 #include <CLI/CLI.hpp>
@@ -42,13 +46,20 @@ struct Model {
 };
 
 int g_blocks = 1;
+std::vector<int> g_widths = {32, 64, 128};
+
+std::string WidthsText() {
+  std::string w;
+  for (int x : g_widths) w += (w.empty() ? "" : "-") + std::to_string(x);
+  return w;
+}
 
 Model MakeModel() {
   torch::manual_seed(1);
   ModelConfig mc;
   mc.set_name("resnet_embedder");
   mc.set_embedding_dim(128);
-  for (int w : {32, 64, 128}) mc.add_widths(w);
+  for (int w : g_widths) mc.add_widths(w);
   mc.set_blocks_per_stage(g_blocks);
   Model m;
   Check(models::BuildEmbedder(mc, &m.net), "embedder");
@@ -109,6 +120,10 @@ int main(int argc, char** argv) {
                  "residual blocks per width (model.blocks_per_stage): more, finer layers let the partition balance")
       ->capture_default_str();
   app.add_option("--svg", svg, "write the measured timeline of GPipe and 1F1B (M = 4) to this SVG file");
+  app.add_option("--widths", g_widths,
+                 "channel widths of the embedder (model.widths); 40,64,128 cuts into two stages of equal cost")
+      ->delimiter(',')
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   Check(collective::MpiRuntime::Init(), "MPI");
   collective::MpiCollectiveOptions co;
@@ -122,10 +137,14 @@ int main(int argc, char** argv) {
   const torch::Tensor y = torch::randint(0, 10, {batch}, torch::kInt64);
   nlohmann::json rows = nlohmann::json::array();
 
-  // The reference: one process, the whole model, the whole mini-batch.
+  // The reference: one process, the whole model, the whole mini-batch, with
+  // 1 and 2 threads; measured before and after the pipelines (the other rank
+  // idles meanwhile), and the two measurements averaged, so a slow stretch
+  // of the shared machine weighs on both sides.
   double ref_ips = 0, ref2_ips = 0;
+  std::vector<double> ref_runs, ref2_runs;
   int64_t ref_bytes = 0;
-  if (stage == 0) {
+  auto measure_reference = [&] {
     Model m = MakeModel();
     const auto mb = [&] {
       const auto t0 = Clock::now();
@@ -138,9 +157,16 @@ int main(int argc, char** argv) {
       mb();
       double secs = 0;
       for (int s = 0; s < steps; ++s) secs += mb();
-      (threads == 1 ? ref_ips : ref2_ips) = static_cast<double>(batch * steps) / secs;
+      (threads == 1 ? ref_runs : ref2_runs).push_back(static_cast<double>(batch * steps) / secs);
     }
     torch::set_num_threads(1);
+    ref_ips = ref2_ips = 0;
+    for (double v : ref_runs) ref_ips += v / static_cast<double>(ref_runs.size());
+    for (double v : ref2_runs) ref2_ips += v / static_cast<double>(ref2_runs.size());
+  };
+  if (stage == 0) {
+    measure_reference();
+    Model m = MakeModel();
     // Activation memory of the whole mini-batch's forward (the same heap
     // measure as the stages'): one micro-batch of B through one stage.
     pipeline::StageOptions o;
@@ -151,9 +177,9 @@ int main(int argc, char** argv) {
       return m.loss->Compute(e, l).loss;
     }, &st), "reference");
     ref_bytes = st.peak_activation_bytes;
-    std::printf("pipeline benchmark: embedder 32-64-128 (%d block(s) per width) + ArcFace, mini-batch %lld, "
+    std::printf("pipeline benchmark: embedder %s (%d block(s) per width) + ArcFace, mini-batch %lld, "
                 "%d stage(s) on %d rank(s), 1 thread each\n\n",
-                g_blocks, static_cast<long long>(batch), stages, stages);
+                WidthsText().c_str(), g_blocks, static_cast<long long>(batch), stages, stages);
     std::printf("one process, whole model: %.0f images/s with 1 thread, %.0f with 2 threads; activations %.1f MB\n\n",
                 ref_ips, ref2_ips, ref_bytes / 1e6);
   }
@@ -253,10 +279,34 @@ int main(int argc, char** argv) {
       }
     }
   }
+  // The reference again; the rows' ratios use the mean of both.
+  Check(comm->Barrier()->Wait(), "barrier");
+  if (stage == 0) {
+    const double first = ref_ips;
+    measure_reference();
+    std::printf("\none process again: %.0f images/s with 1 thread (%.0f before), %.0f with 2 threads; ratios below "
+                "use the means\n",
+                ref_runs.back(), first, ref2_runs.back());
+    for (auto& r : rows) {
+      const double ips = r["images_per_sec"].get<double>();
+      r["vs_one_process_one_thread"] = ips / ref_ips;
+      r["vs_one_process_two_threads"] = ips / ref2_ips;
+    }
+    std::printf("%-8s %3s %9s %9s\n", "schedule", "M", "vs 1x1", "vs 1x2");
+    for (const auto& r : rows) {
+      std::printf("%-8s %3d %9.2f %9.2f\n", r["schedule"].get<std::string>().c_str(), r["micro_batches"].get<int>(),
+                  r["vs_one_process_one_thread"].get<double>(), r["vs_one_process_two_threads"].get<double>());
+    }
+  }
+  Check(comm->Barrier()->Wait(), "barrier");
   if (stage == 0) {
     nlohmann::json j = {{"bench", "pipeline"},
                         {"batch", batch},
                         {"blocks_per_width", g_blocks},
+                        {"widths", g_widths},
+                        {"partition", part.layers_per_stage},
+                        {"one_process_images_per_sec_runs", ref_runs},
+                        {"one_process_two_threads_images_per_sec_runs", ref2_runs},
                         {"steps", steps},
                         {"stages", stages},
                         {"threads_per_rank", 1},

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -112,6 +113,17 @@ struct AsyncStrategy::Impl {
   std::future<Status> pending_push;
 
   std::vector<float> zeros;  // gradient of a parameter that got none
+  // The most updates any shard reported having applied (share_work: the
+  // job's progress; written by the training and communication threads).
+  std::atomic<int64_t> applied{0};
+  void SawVersion(int64_t v) {
+    int64_t cur = applied.load();
+    while (v > cur && !applied.compare_exchange_weak(cur, v)) {
+    }
+  }
+  void SawVersions(const std::vector<int64_t>& versions) {
+    for (int64_t v : versions) SawVersion(v);
+  }
   Totals totals;
   // Since the last AddStepMetrics.
   int64_t interval_pushes = 0, interval_recomputes = 0, interval_dropped = 0, interval_steps = 0;
@@ -121,7 +133,9 @@ struct AsyncStrategy::Impl {
   void CountAccepted(const std::vector<PushReply>& replies, const std::vector<Status>& statuses) {
     int64_t staleness = 0;
     for (size_t s = 0; s < replies.size(); ++s) {
-      if (statuses[s].ok()) staleness = std::max<int64_t>(staleness, replies[s].staleness());
+      if (!statuses[s].ok()) continue;
+      staleness = std::max<int64_t>(staleness, replies[s].staleness());
+      SawVersion(replies[s].version());
     }
     ++totals.pushes;
     ++interval_pushes;
@@ -161,6 +175,7 @@ struct AsyncStrategy::Impl {
       po.lease = false;
       Status st = client->Pull(next_ptrs, po);
       next_versions = client->versions();
+      SawVersions(next_versions);
       return st;
     });
   }
@@ -184,6 +199,7 @@ struct AsyncStrategy::Impl {
     Status st = client->Pull(param_ptrs, po);
     AddWait(Seconds(t0, Clock::now()));
     loaded_versions = client->versions();
+    SawVersions(loaded_versions);
     return st;
   }
 
@@ -462,6 +478,7 @@ Status AsyncStrategy::PrepareCheckpoint() {
   DTRAIN_RETURN_IF_ERROR(m.client->PullState(m.param_ptrs, slots, &snap).WithContext("pulling the shards' state"));
   m.AddWait(Seconds(t0, Clock::now()));
   m.loaded_versions = m.client->versions();
+  m.SawVersions(m.loaded_versions);
   for (size_t i = 0; i < m.params.size(); ++i) {
     std::map<std::string, torch::Tensor> state;
     for (const std::string& slot : StateSlots(m.ctx.optimizer_kind)) {
@@ -494,6 +511,10 @@ void AsyncStrategy::AddStepMetrics(MetricsLog::Record* record) {
   m.interval_pushes = m.interval_recomputes = m.interval_dropped = m.interval_steps = m.interval_max_staleness = 0;
   m.interval_staleness = m.interval_wait = 0;
 }
+
+bool AsyncStrategy::SharesSteps() const { return impl_->o.config.share_work(); }
+
+int64_t AsyncStrategy::JobStep() const { return impl_->applied.load() / std::max(1, impl_->world); }
 
 Status AsyncStrategy::Finish() {
   Impl& m = *impl_;

@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <limits>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
@@ -346,21 +347,31 @@ Status Trainer::Run(TrainResult* result) {
   BatchLoader loader(m.train, m.sampler.get(), cfg.seed(), augment, data::NormalizeOptions{},
                      cfg.data().prefetch());
 
-  spdlog::info("training {}: {} {} + {}, {} step(s) = {} epoch(s) x {} step(s), batch {} x {} worker(s), {} thread(s)",
+  spdlog::info("training {}: {} {} + {}, {} step(s) = {} epoch(s) x {} step(s){}, batch {} x {} worker(s), {} thread(s)",
                cfg.name(), strategy.name(), cfg.model().name(), cfg.loss().name(), m.total_steps, epochs, per_epoch,
-               cfg.data().batch_size(), strategy.data_world_size(), torch::get_num_threads());
+               strategy.SharesSteps() ? " shared among the workers" : "", cfg.data().batch_size(),
+               strategy.data_world_size(), torch::get_num_threads());
 
   m.model->train();
   m.loss->train();
   int64_t step = m.resumed ? m.resume_state.step() : 0;
   const int64_t first_step = step;
   const int64_t first_epoch = m.resumed ? static_cast<int64_t>(m.resume_state.sampler_epoch()) : 0;
-  const int64_t stop_at = m.options.stop_after_steps > 0 ? std::min(m.options.stop_after_steps, m.total_steps)
-                                                         : m.total_steps;
   const CheckpointConfig& ck = cfg.checkpoint();
+  // Shared steps (async share_work): the job is done when the ranks together
+  // have made total_steps steps; `step` counts this rank's own.
+  const bool shared = strategy.SharesSteps();
+  auto job_step = [&]() { return shared ? std::min(strategy.JobStep(), m.total_steps) : step; };
+  auto done = [&]() { return job_step() >= m.total_steps; };
+  int64_t last_checkpoint_mark = ck.every_steps() > 0 ? step / ck.every_steps() : 0;
+  // stop_after_steps interrupts after this rank's own steps; shared steps
+  // have no per-rank limit otherwise.
+  const int64_t stop_at = m.options.stop_after_steps > 0
+                              ? (shared ? m.options.stop_after_steps : std::min(m.options.stop_after_steps, m.total_steps))
+                              : (shared ? std::numeric_limits<int64_t>::max() : m.total_steps);
   auto state_at = [&](uint64_t sampler_epoch, uint64_t position) {
     TrainerState s;
-    s.set_step(step);
+    s.set_step(job_step());
     s.set_sampler_epoch(sampler_epoch);
     s.set_sampler_position(position);
     s.set_steps_per_epoch(per_epoch);
@@ -374,7 +385,7 @@ Status Trainer::Run(TrainResult* result) {
   progress.total_steps = m.total_steps;
   auto report = [&](const char* phase) {
     if (!m.options.on_progress) return;
-    progress.step = step;
+    progress.step = job_step();
     progress.phase = phase;
     m.options.on_progress(progress);
   };
@@ -394,20 +405,20 @@ Status Trainer::Run(TrainResult* result) {
   const bool slow = cfg.training().slow_rank() >= 0 && cfg.training().slow_factor() > 1.0f;
   bool interrupted = false;
   bool finished = false;  // strategy.Finish() called
-  for (int64_t epoch = first_epoch; epoch < epochs && step < m.total_steps && !interrupted; ++epoch) {
+  for (int64_t epoch = first_epoch; (shared || epoch < epochs) && !done() && !interrupted; ++epoch) {
     // A resumed epoch continues from the restored sampler position.
     loader.StartEpoch(static_cast<uint64_t>(epoch), /*reset_position=*/!(m.resumed && epoch == first_epoch));
     std::unique_ptr<ProgressBar> bar;
     if (show_progress) {
       ProgressOptions po;
-      po.label = "epoch " + std::to_string(epoch + 1) + "/" + std::to_string(epochs);
-      po.total = std::min(per_epoch, m.total_steps - step);
+      po.label = "epoch " + std::to_string(epoch + 1) + (shared ? std::string() : "/" + std::to_string(epochs));
+      po.total = shared ? per_epoch : std::min(per_epoch, m.total_steps - step);
       bar = std::make_unique<ProgressBar>(po);
     }
     int64_t epoch_step = (m.resumed && epoch == first_epoch)
                              ? static_cast<int64_t>(m.resume_state.sampler_position()) / m.sampler->global_batch()
                              : 0;
-    while (step < m.total_steps) {
+    while (!done()) {
       if (step >= stop_at) {
         interrupted = true;
         break;
@@ -469,7 +480,7 @@ Status Trainer::Run(TrainResult* result) {
       interval_compute += Seconds(t1, t2);
       interval_step += Seconds(t0, t2);
 
-      const bool log_now = interval_steps >= log_every || step == m.total_steps;
+      const bool log_now = interval_steps >= log_every || done();
       if (log_now) {
         const double secs = Seconds(interval_start, Clock::now());
         const double mean_loss = strategy.AverageAcrossWorkers(interval_loss / static_cast<double>(interval_steps));
@@ -507,19 +518,26 @@ Status Trainer::Run(TrainResult* result) {
       }
       progress.epoch = static_cast<double>(epoch) + static_cast<double>(epoch_step) / static_cast<double>(per_epoch);
       report("training");
-      if (ck.every_steps() > 0 && step % ck.every_steps() == 0 && step < m.total_steps) {
+      // Every every_steps steps: this rank's, or the job's when shared (the
+      // job's step may pass a multiple while another rank steps).
+      const bool checkpoint_due =
+          ck.every_steps() > 0 && !done() &&
+          (shared ? job_step() / ck.every_steps() > last_checkpoint_mark : step % ck.every_steps() == 0);
+      if (checkpoint_due) {
+        if (shared) last_checkpoint_mark = job_step() / ck.every_steps();
         DTRAIN_RETURN_IF_ERROR(checkpoint(state_at(batch.state_after.epoch, batch.state_after.position)));
       }
     }
     if (bar) bar->Finish();
-    const bool epoch_done = !interrupted && (step % per_epoch == 0 || step == m.total_steps);
-    if (step == m.total_steps && !interrupted) {
+    const bool epoch_done =
+        !interrupted && (shared ? epoch_step >= per_epoch || done() : step % per_epoch == 0 || step == m.total_steps);
+    if (done() && !interrupted) {
       // Every worker is done before the final checkpoint and model (async:
       // the chief then holds every worker's last update).
       DTRAIN_RETURN_IF_ERROR(strategy.Finish());
       finished = true;
     }
-    if (epoch_done && (step == m.total_steps || (ck.every_epochs() > 0 && (epoch + 1) % ck.every_epochs() == 0))) {
+    if (epoch_done && (done() || (ck.every_epochs() > 0 && (epoch + 1) % ck.every_epochs() == 0))) {
       DTRAIN_RETURN_IF_ERROR(checkpoint(state_at(static_cast<uint64_t>(epoch + 1), 0)));
     }
   }

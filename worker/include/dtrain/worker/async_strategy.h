@@ -33,6 +33,11 @@
 //   5. Finish(): every worker waits for the others (barrier), then the chief
 //      pulls the final parameters, and writes the shards' counters
 //      (staleness histograms) to `stats_path`.
+//   6. share_work: the job's step is the updates the shards have applied
+//      divided by the workers (the highest version any push reply or pull
+//      reported); every worker trains until it reaches the job's total, so
+//      a fast worker takes more steps than a slow one and they reach Finish
+//      together (each overshoots by at most the step it had in flight).
 //
 // Thread-safety: driven by the training thread; with prefetch, one thread of
 // its own talks to the shards.
@@ -68,6 +73,8 @@ class AsyncStrategy : public Strategy {
   int rank() const override;
   int world_size() const override;
 
+  bool SharesSteps() const override;
+  int64_t JobStep() const override;
   void Attach(const TrainingContext& context) override;
   Status Setup(const std::vector<torch::Tensor>& parameters, const std::vector<torch::Tensor>& buffers) override;
   Status BeginStep() override;

@@ -82,6 +82,13 @@ class Strategy {
   virtual int data_rank() const { return rank(); }
   virtual int data_world_size() const { return world_size(); }
 
+  // Whether the job's steps are shared among the ranks (async with
+  // share_work): the trainer then runs until JobStep() reaches the job's
+  // total instead of counting its own steps, and checkpoints JobStep().
+  virtual bool SharesSteps() const { return false; }
+  // The job's step as this rank knows it (only asked when SharesSteps()).
+  virtual int64_t JobStep() const { return 0; }
+
   virtual void Attach(const TrainingContext& context) {}
   virtual Status Setup(const std::vector<torch::Tensor>& parameters, const std::vector<torch::Tensor>& buffers) {
     return Status::OK();
