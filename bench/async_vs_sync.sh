@@ -29,6 +29,7 @@
 #   EVERY_STEPS=N adds a checkpoint every N steps (the job's steps under
 #   share_work) to the end-of-epoch ones, for a finer curve in every mode.
 #   OUT=FILE writes the JSON elsewhere (default bench/results/async_vs_sync.json).
+#   SKIP_EVEN=1 runs only the slow-worker pair.
 # Prints a table and writes bench/results/async_vs_sync.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,9 +64,13 @@ run() {  # name parallelism slow_factor
 }
 
 # Interleaved, so that a slower stretch of the shared machine hits both modes.
-ASYNC_VARIANTS="${ASYNC_VARIANTS:-pull_first=parallelism.async={shards:2,max_staleness:4,prefetch:false} shared=parallelism.async={shards:2,max_staleness:4,share_work:true}}"
-run sync 'parallelism.sync={}' 1
-for v in $ASYNC_VARIANTS; do run "async_${v%%=*}" "${v#*=}" 1; done
+# (The default is a plain variable: a "}" inside ${X:-...} would end it.)
+DEFAULT_VARIANTS='pull_first=parallelism.async={shards:2,max_staleness:4,prefetch:false} shared=parallelism.async={shards:2,max_staleness:4,share_work:true}'
+ASYNC_VARIANTS="${ASYNC_VARIANTS:-$DEFAULT_VARIANTS}"
+if [[ -z "${SKIP_EVEN:-}" ]]; then
+  run sync 'parallelism.sync={}' 1
+  for v in $ASYNC_VARIANTS; do run "async_${v%%=*}" "${v#*=}" 1; done
+fi
 run sync_slow 'parallelism.sync={}' 2
 for v in $ASYNC_VARIANTS; do run "async_${v%%=*}_slow" "${v#*=}" 2; done
 

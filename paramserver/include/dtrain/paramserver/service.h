@@ -6,7 +6,10 @@
 // (wire.h: every chunk checked against the shard's slices before anything is
 // allocated) and then hand them to the ParameterShard in one call, so a
 // malformed or incomplete stream changes nothing; Pull streams the slices
-// changed since the given version, chunked below the message limit. gRPC's
+// changed since the given version, chunked below the message limit. The
+// streamed messages travel as raw buffers in the protobuf encoding
+// (wire_codec.h): tensor data is not copied between the tensors and the
+// socket, on either side. gRPC's
 // synchronous server runs the handlers on its threads (pollers capped by
 // parallelism.async.server_threads, more threads while many RPCs are in
 // flight); the shard's per-slice locks let pulls and pushes of different
@@ -20,7 +23,9 @@
 // FAILED_PRECONDITION / initialized = false.
 //
 // Client: one channel per shard; Push and Pull talk to every shard in
-// parallel (one thread per shard) and keep one version per shard. Under the
+// parallel (one thread per shard) and keep one version per shard. Push sends
+// the gradients from the caller's memory and returns only once gRPC has let
+// go of it. Under the
 // WAIT policy a pull takes the lease on shard 0 first and then reads the
 // other shards; a push goes to shard 0 last (shard.h says why).
 #pragma once
