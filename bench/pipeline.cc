@@ -247,19 +247,23 @@ int main(int argc, char** argv) {
   part.layers_per_stage.clear();
   for (int s = 0; s < stages; ++s) part.layers_per_stage.push_back(static_cast<int>(cut[s].item<int64_t>()));
   auto loss = [&](const torch::Tensor& e, const torch::Tensor& l) { return m.loss->Compute(e, l).loss; };
+  auto stage_options = [&](PipelineConfig::Schedule kind, int micro) {
+    pipeline::StageOptions o;
+    o.stage = stage;
+    o.stages = stages;
+    o.prev_rank = stage - 1;
+    o.next_rank = stage + 1 < stages ? stage + 1 : -1;
+    o.micro_batches = micro;
+    o.schedule = kind;
+    return o;
+  };
 
   std::string svg_body;
   double svg_y = 10;
   for (auto kind : {PipelineConfig::GPIPE, PipelineConfig::ONE_F_ONE_B}) {
     for (int micro : {1, 2, 4, 8}) {
-      pipeline::StageOptions o;
-      o.stage = stage;
-      o.stages = stages;
-      o.prev_rank = stage - 1;
-      o.next_rank = stage + 1 < stages ? stage + 1 : -1;
-      o.micro_batches = micro;
-      o.schedule = kind;
-      pipeline::StageExecutor exec(m.net->SliceLayers(part.begin(stage), part.end(stage)), comm.get(), o);
+      pipeline::StageExecutor exec(m.net->SliceLayers(part.begin(stage), part.end(stage)), comm.get(),
+                                   stage_options(kind, micro));
       pipeline::StageStats st;
       Check(exec.RunMiniBatch(x, y, batch, loss, &st), "warm-up");
       Check(comm->Barrier()->Wait(), "barrier");
@@ -347,14 +351,8 @@ int main(int argc, char** argv) {
     const double together = measure_concurrent();
     if (stage == 0) round_ceiling.push_back(together / round_ref.back());
     for (auto kind : {PipelineConfig::GPIPE, PipelineConfig::ONE_F_ONE_B}) {
-      pipeline::StageOptions o;
-      o.stage = stage;
-      o.stages = stages;
-      o.prev_rank = stage - 1;
-      o.next_rank = stage + 1 < stages ? stage + 1 : -1;
-      o.micro_batches = 8;
-      o.schedule = kind;
-      pipeline::StageExecutor exec(m.net->SliceLayers(part.begin(stage), part.end(stage)), comm.get(), o);
+      pipeline::StageExecutor exec(m.net->SliceLayers(part.begin(stage), part.end(stage)), comm.get(),
+                                   stage_options(kind, 8));
       pipeline::StageStats st;
       Check(exec.RunMiniBatch(x, y, batch, loss, &st), "warm-up");
       Check(comm->Barrier()->Wait(), "barrier");

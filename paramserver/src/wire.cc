@@ -9,32 +9,41 @@ namespace dtrain::paramserver {
 
 int64_t BytesPerElement(Compression encoding) { return encoding == COMPRESSION_NONE ? 4 : 2; }
 
-void ChunkSlice(const std::string& name, int64_t offset, const float* data, int64_t length, Compression encoding,
-                int64_t chunk_bytes, const std::function<void(TensorChunk&&)>& emit) {
-  const int64_t bpe = BytesPerElement(encoding);
-  const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / bpe);
+void ForEachChunk(const std::string& name, int64_t offset, int64_t length, Compression encoding, int64_t chunk_bytes,
+                  const std::function<void(TensorChunk&&, int64_t, int64_t)>& visit) {
+  const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / BytesPerElement(encoding));
   for (int64_t begin = 0; begin < length || (length == 0 && begin == 0); begin += per_chunk) {
-    const int64_t n = std::min(per_chunk, length - begin);
     TensorChunk c;
     c.set_name(name);
     c.set_offset(offset);
     c.set_length(length);
     c.set_chunk_offset(begin);
     c.set_encoding(encoding);
-    std::string* bytes = c.mutable_data();
-    bytes->resize(static_cast<size_t>(n * bpe));
-    char* dst = bytes->data();
-    if (encoding == COMPRESSION_NONE) {
-      std::memcpy(dst, data + begin, static_cast<size_t>(n) * 4);
-    } else {
-      for (int64_t i = 0; i < n; ++i) {
-        const uint16_t h = encoding == COMPRESSION_FP16 ? half::FloatToFp16(data[begin + i]) : half::FloatToBf16(data[begin + i]);
-        std::memcpy(dst + 2 * i, &h, 2);
-      }
-    }
-    emit(std::move(c));
+    visit(std::move(c), begin, std::min(per_chunk, length - begin));
     if (length == 0) break;
   }
+}
+
+void EncodeElements(const float* src, int64_t n, Compression encoding, void* dst) {
+  if (encoding == COMPRESSION_NONE) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+    return;
+  }
+  auto* out = static_cast<uint8_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t h = encoding == COMPRESSION_FP16 ? half::FloatToFp16(src[i]) : half::FloatToBf16(src[i]);
+    std::memcpy(out + 2 * i, &h, 2);
+  }
+}
+
+void ChunkSlice(const std::string& name, int64_t offset, const float* data, int64_t length, Compression encoding,
+                int64_t chunk_bytes, const std::function<void(TensorChunk&&)>& emit) {
+  ForEachChunk(name, offset, length, encoding, chunk_bytes, [&](TensorChunk&& c, int64_t begin, int64_t n) {
+    std::string* bytes = c.mutable_data();
+    bytes->resize(static_cast<size_t>(n * BytesPerElement(encoding)));
+    EncodeElements(data + begin, n, encoding, bytes->data());
+    emit(std::move(c));
+  });
 }
 
 ChunkRef ChunkRef::Of(const TensorChunk& c) {

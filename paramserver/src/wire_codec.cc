@@ -4,7 +4,6 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "dtrain/common/half.h"
 
 namespace dtrain::paramserver {
 namespace {
@@ -298,35 +297,18 @@ grpc::Slice OwnedSlice(size_t bytes, void** data) {
 void ChunkSliceToWire(const std::string& name, int64_t offset, const float* data, int64_t length, Compression encoding,
                       int64_t chunk_bytes, const WrapFloats& wrap,
                       const std::function<void(TensorChunk&&, grpc::Slice&&, int64_t)>& emit) {
-  const int64_t bpe = BytesPerElement(encoding);
-  const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / bpe);
-  for (int64_t begin = 0; begin < length || (length == 0 && begin == 0); begin += per_chunk) {
-    const int64_t n = std::min(per_chunk, length - begin);
-    TensorChunk c;
-    c.set_name(name);
-    c.set_offset(offset);
-    c.set_length(length);
-    c.set_chunk_offset(begin);
-    c.set_encoding(encoding);
-    const size_t bytes = static_cast<size_t>(n * bpe);
+  ForEachChunk(name, offset, length, encoding, chunk_bytes, [&](TensorChunk&& c, int64_t begin, int64_t n) {
+    const size_t bytes = static_cast<size_t>(n * BytesPerElement(encoding));
     grpc::Slice slice;
     if (n > 0 && encoding == COMPRESSION_NONE && wrap) {
       slice = wrap(data + begin, bytes);
     } else if (n > 0) {
       void* dst = nullptr;
       slice = OwnedSlice(bytes, &dst);
-      if (encoding == COMPRESSION_NONE) {
-        std::memcpy(dst, data + begin, bytes);
-      } else {
-        auto* out = static_cast<uint16_t*>(dst);
-        for (int64_t i = 0; i < n; ++i) {
-          out[i] = encoding == COMPRESSION_FP16 ? half::FloatToFp16(data[begin + i]) : half::FloatToBf16(data[begin + i]);
-        }
-      }
+      EncodeElements(data + begin, n, encoding, dst);
     }
     emit(std::move(c), std::move(slice), static_cast<int64_t>(bytes));
-    if (length == 0) break;
-  }
+  });
 }
 
 }  // namespace dtrain::paramserver

@@ -44,6 +44,16 @@ struct ChunkRef {
 // Bytes per element of an encoding (4, or 2 for fp16/bf16).
 int64_t BytesPerElement(Compression encoding);
 
+// Visits the chunks of elements [0, length) of a slice, at most chunk_bytes
+// of data each: visit(header, begin, n) gets the chunk's fields (its data
+// empty) and its elements [begin, begin + n). A slice of no elements has one
+// empty chunk.
+void ForEachChunk(const std::string& name, int64_t offset, int64_t length, Compression encoding, int64_t chunk_bytes,
+                  const std::function<void(TensorChunk&& header, int64_t begin, int64_t n)>& visit);
+
+// Writes src[0, n) in the encoding to dst (n x BytesPerElement bytes).
+void EncodeElements(const float* src, int64_t n, Compression encoding, void* dst);
+
 // Appends the chunks of elements [0, length) of a slice, at most chunk_bytes
 // of data each, calling `emit` with each.
 void ChunkSlice(const std::string& name, int64_t offset, const float* data, int64_t length, Compression encoding,
