@@ -47,7 +47,6 @@ struct WireMessage {
   std::vector<ChunkRef> chunks;
   std::vector<grpc::Slice> slices;  // keeps the chunks' pieces alive
 
-  bool has(int field) const { return varints.count(field) > 0; }
   int64_t int64(int field, int64_t fallback = 0) const;
   int32_t int32(int field, int32_t fallback = 0) const;
 };
