@@ -2,7 +2,7 @@
 # Runs the benchmarks named on the command line (default: all), each printing
 # its table and writing bench/results/<name>.json. Build first (launch/build.sh).
 #
-#   bench/run.sh [data_pipeline] [build_time] [allreduce] [scaling] [async_vs_sync] [pipeline] [snaps] ...
+#   bench/run.sh [data_pipeline] [build_time] [allreduce] [scaling] [async_vs_sync] [pipeline] [pipeline_uniform] [snaps] ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/results
@@ -21,6 +21,9 @@ for n in "${names[@]}"; do
       done
       ;;
     pipeline) OMP_NUM_THREADS=1 bash launch/mpirun.sh -n 2 -- build/bin/bench_pipeline --out bench/results/pipeline.json --svg docs/pipeline_timeline.svg ;;
+    pipeline_uniform)
+      OMP_NUM_THREADS=1 bash launch/mpirun.sh -n 2 -- build/bin/bench_pipeline --model uniform --channels 64 --size 16 \
+        --out bench/results/pipeline_uniform.json --svg docs/pipeline_timeline_uniform.svg ;;
     trainer_overhead | checkpoint | index | paramserver) "build/bin/bench_$n" --out "bench/results/$n.json" ;;
     snaps)
       # Needs a trained detector and embedder: the runs of

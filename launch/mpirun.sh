@@ -29,9 +29,21 @@
 #   --oversubscribe            only when asked (more ranks than slots)
 #   --mca mpi_yield_when_idle 1  without a hostfile, when N > cores: a rank
 #                              waiting inside MPI yields its core
-#   --mca btl_vader_single_copy_mechanism none
-#                              containers forbid the cross-process memory
-#                              access (CMA) of the shared-memory transport
+#   --mca btl_vader_single_copy_mechanism cma|none
+#                              the shared-memory transport copies a large
+#                              message once, straight from the sender's
+#                              memory (cross-memory attach, CMA), where the
+#                              kernel allows it; many containers forbid it
+#                              (seccomp, Yama), and then it falls back to
+#                              copying through shared buffers in 32 KiB
+#                              pieces, each needing both sides to poll.
+#                              Without a hostfile this script probes
+#                              whether a process may read another's memory
+#                              here (launch/cma_probe.py) and picks cma when
+#                              it may (a 1 MB activation between pipeline
+#                              stages: 2.3 ms with none, 0.6-0.9 ms with cma;
+#                              docs/benchmarks.md); with a hostfile, none.
+#                              DTRAIN_MPI_SINGLE_COPY=cma|none overrides.
 #   -x VAR                     for PATH, LD_LIBRARY_PATH, OMP_NUM_THREADS when
 #                              set, and every DTRAIN_* variable
 #
@@ -75,7 +87,19 @@ if [[ -z "$bind" ]]; then
   bind=none
   [[ -z "$hostfile" && "$total" -gt 1 && "$total" -eq "$(nproc)" ]] && bind=core
 fi
-args=(--bind-to "$bind" --mca btl_vader_single_copy_mechanism none)
+single_copy="${DTRAIN_MPI_SINGLE_COPY:-auto}"
+case "$single_copy" in
+  cma|none) ;;
+  auto)
+    single_copy=none
+    if [[ -z "$hostfile" ]] && command -v python3 >/dev/null &&
+      python3 "$(dirname "${BASH_SOURCE[0]}")/cma_probe.py" 2>/dev/null; then
+      single_copy=cma
+    fi
+    ;;
+  *) echo "launch/mpirun.sh: DTRAIN_MPI_SINGLE_COPY must be cma, none or auto, got '$single_copy'" >&2; exit 2 ;;
+esac
+args=(--bind-to "$bind" --mca btl_vader_single_copy_mechanism "$single_copy")
 [[ $(id -u) -eq 0 ]] && args+=(--allow-run-as-root)
 if [[ -n "$hostfile" ]]; then
   [[ -r "$hostfile" ]] || { echo "launch/mpirun.sh: hostfile $hostfile not readable" >&2; exit 2; }

@@ -401,8 +401,44 @@ Status StageExecutor::RunMiniBatch(const torch::Tensor& inputs, const torch::Ten
     sends.push_back(comm_->Send(t, dst, tag, opt));
   };
 
+  // Receives are posted one operation ahead: while operation k computes, the
+  // point-to-point thread already takes in what operation k+1 needs (the
+  // activation header of a forward, the gradient of a backward), so a
+  // neighbour's message waits for no round trip when its operation comes.
+  // (An activation itself is received at its forward: its size comes with
+  // its header.) A posted receive's timeout counts from its posting, at
+  // most one operation early.
+  struct Posted {
+    torch::Tensor buffer;
+    std::shared_ptr<collective::Work> work;
+  };
+  std::map<int, Posted> headers, gradients;  // by micro-batch
+  const std::vector<Op> ops = Schedule(o.schedule, o.stages, o.stage, o.micro_batches);
+  auto post = [&](size_t k) {
+    if (k >= ops.size()) return;
+    const int i = ops[k].micro_batch;
+    const std::string mb = "micro-batch " + std::to_string(i);
+    collective::OpOptions opt;
+    if (ops[k].forward && !first && !headers.count(i)) {
+      Posted p{torch::empty({kHeaderLength}, torch::kInt64), nullptr};
+      opt.label = "activation header of " + mb + " from stage " + std::to_string(o.stage - 1);
+      p.work = comm_->Recv(p.buffer, o.prev_rank, Tag(i, kHeaderTag), opt);
+      headers[i] = std::move(p);
+    } else if (!ops[k].forward && !last && !gradients.count(i)) {
+      auto f = alive.find(i);
+      if (f == alive.end()) return;  // its forward is the operation before it: posted then
+      Posted p{torch::empty_like(f->second.output), nullptr};
+      opt.label = "gradient of " + mb + " from stage " + std::to_string(o.stage + 1);
+      p.work = comm_->Recv(p.buffer, o.next_rank, Tag(i, kGradientTag), opt);
+      gradients[i] = std::move(p);
+    }
+  };
+
   auto now = [] { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); };
-  for (const Op& op : Schedule(o.schedule, o.stages, o.stage, o.micro_batches)) {
+  for (size_t k = 0; k < ops.size(); ++k) {
+    const Op& op = ops[k];
+    post(k);
+    post(k + 1);
     const int i = op.micro_batch;
     const std::string mb = "micro-batch " + std::to_string(i);
     TimedOp timed;
@@ -414,10 +450,10 @@ Status StageExecutor::RunMiniBatch(const torch::Tensor& inputs, const torch::Ten
       if (first) {
         f.input = inputs.narrow(0, offsets[static_cast<size_t>(i)], sizes[static_cast<size_t>(i)]);
       } else {
-        torch::Tensor header = torch::empty({kHeaderLength}, torch::kInt64);
+        torch::Tensor header = headers[i].buffer;
+        DTRAIN_RETURN_IF_ERROR(wait(headers[i].work));
+        headers.erase(i);
         collective::OpOptions opt;
-        opt.label = "activation header of " + mb + " from stage " + std::to_string(o.stage - 1);
-        DTRAIN_RETURN_IF_ERROR(wait(comm_->Recv(header, o.prev_rank, Tag(i, kHeaderTag), opt)));
         const int64_t* h = header.data_ptr<int64_t>();
         const int64_t ndim = h[0];
         if (ndim < 1 || ndim > kHeaderLength - 2) {
@@ -488,10 +524,9 @@ Status StageExecutor::RunMiniBatch(const torch::Tensor& inputs, const torch::Ten
       } else if (last) {
         f.output.backward();
       } else {
-        torch::Tensor grad = torch::empty_like(f.output);
-        collective::OpOptions opt;
-        opt.label = "gradient of " + mb + " from stage " + std::to_string(o.stage + 1);
-        DTRAIN_RETURN_IF_ERROR(wait(comm_->Recv(grad, o.next_rank, Tag(i, kGradientTag), opt)));
+        torch::Tensor grad = gradients[i].buffer;
+        DTRAIN_RETURN_IF_ERROR(wait(gradients[i].work));
+        gradients.erase(i);
         timed.start_s = now();
         f.output.backward(grad);
       }

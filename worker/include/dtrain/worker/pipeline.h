@@ -49,7 +49,11 @@
 // which both sides know, so it travels without a header. Tags: activation
 // header 4i, activation 4i+1, gradient 4i+2, for micro-batch i.
 // Sends are non-blocking and waited for at the end of the mini-batch, so no
-// order of sends and receives between neighbours can deadlock.
+// order of sends and receives between neighbours can deadlock. Receives are
+// posted one operation ahead (the header of the next forward's activation,
+// the gradient of the next backward), so they complete while the current
+// operation computes; an activation is received at its forward, after its
+// header.
 //
 // Thread-safety: a StageExecutor is driven by one thread.
 #pragma once
