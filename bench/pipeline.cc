@@ -15,7 +15,7 @@
 //
 //   launch/mpirun.sh -n 2 -- build/bin/bench_pipeline [--batch 128] [--steps 6] [--widths 32,64,128]
 //                                                     [--model embedder|uniform] [--uniform-blocks 8]
-//                                                     [--channels 32] [--size 14] [--out FILE] [--svg FILE]
+//                                                     [--channels 64] [--size 16] [--out FILE] [--svg FILE]
 #include <torch/torch.h>
 
 #include <CLI/CLI.hpp>
@@ -81,8 +81,8 @@ std::string g_model = "embedder";
 int g_blocks = 1;
 std::vector<int> g_widths = {32, 64, 128};
 int g_uniform_blocks = 8;
-int64_t g_channels = 32;
-int64_t g_size = 14;
+int64_t g_channels = 64;
+int64_t g_size = 16;
 
 // The model as an ordered list of layers (what a stage takes a slice of)
 // and the loss on its output.

@@ -22,7 +22,7 @@ for n in "${names[@]}"; do
       ;;
     pipeline) OMP_NUM_THREADS=1 bash launch/mpirun.sh -n 2 -- build/bin/bench_pipeline --out bench/results/pipeline.json --svg docs/pipeline_timeline.svg ;;
     pipeline_uniform)
-      OMP_NUM_THREADS=1 bash launch/mpirun.sh -n 2 -- build/bin/bench_pipeline --model uniform --channels 64 --size 16 \
+      OMP_NUM_THREADS=1 bash launch/mpirun.sh -n 2 -- build/bin/bench_pipeline --model uniform \
         --out bench/results/pipeline_uniform.json --svg docs/pipeline_timeline_uniform.svg ;;
     trainer_overhead | checkpoint | index | paramserver) "build/bin/bench_$n" --out "bench/results/$n.json" ;;
     snaps)
