@@ -84,6 +84,17 @@ constexpr int kQueueSpinUs = 50;
 class WorkImpl : public Work {
  public:
   Status Wait() override {
+    // While a thread waits here, the point-to-point thread polls without
+    // sleeping (set_waiting_hook): the waiter's core is idle anyway.
+    struct Waiting {
+      const std::function<void(int)>& hook;
+      explicit Waiting(const std::function<void(int)>& h) : hook(h) {
+        if (hook) hook(+1);
+      }
+      ~Waiting() {
+        if (hook) hook(-1);
+      }
+    } waiting(done_flag_.load(std::memory_order_acquire) ? kNoHook : waiting_hook_);
     // Spin for a few tens of microseconds first: most small operations
     // complete within that, and a sleeping waiter costs a wake-up.
     const auto spin_until = Clock::now() + std::chrono::microseconds(kWaitSpinUs);
@@ -129,8 +140,13 @@ class WorkImpl : public Work {
   // decompress, divide).
   void set_finish(std::function<void()> f) { finish_ = std::move(f); }
   void set_label(std::string label) { label_ = std::move(label); }
+  // Called with +1 when a thread starts waiting for this operation and -1
+  // when it stops; set before the operation is queued.
+  void set_waiting_hook(std::function<void(int)> hook) { waiting_hook_ = std::move(hook); }
 
  private:
+  static inline const std::function<void(int)> kNoHook{};
+  std::function<void(int)> waiting_hook_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;
@@ -286,6 +302,15 @@ struct MpiCollective::Impl {
   std::mutex mu;
   std::condition_variable coll_cv;      // collective queued, stop, broken
   std::condition_variable p2p_cv;       // send/recv queued, stop
+  // Wakes the point-to-point thread from a sleep between polls. Shared with
+  // the Work of every send/recv, which may outlive this object.
+  struct P2pWake {
+    std::atomic<int> waiters{0};       // threads inside Wait() of a send/recv
+    std::atomic<int64_t> queued{0};    // sends/recvs queued so far
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  std::shared_ptr<P2pWake> p2p_wake = std::make_shared<P2pWake>();
   std::condition_variable watchdog_cv;  // stop, broken
   std::condition_variable done_cv;      // a collective finished (the destructor waits)
   std::atomic<int64_t> coll_queued{0};  // collectives enqueued so far (for spinning)
@@ -321,6 +346,11 @@ struct MpiCollective::Impl {
 std::shared_ptr<Work> MpiCollective::Impl::Enqueue(std::unique_ptr<Op> op) {
   auto work = std::make_shared<WorkImpl>();
   op->work = work;
+  if (!IsCollective(op->kind)) {
+    work->set_waiting_hook([wake = p2p_wake](int delta) {
+      if (wake->waiters.fetch_add(delta, std::memory_order_acq_rel) == 0 && delta > 0) wake->cv.notify_one();
+    });
+  }
   if (op->label.empty()) op->label = KindName(op->kind);
   work->set_label(op->label);
   if (op->timeout.count() <= 0) op->timeout = options.timeout;
@@ -340,6 +370,8 @@ std::shared_ptr<Work> MpiCollective::Impl::Enqueue(std::unique_ptr<Op> op) {
     } else {
       p2p_queue.push_back(std::move(op));
       p2p_cv.notify_one();
+      p2p_wake->queued.fetch_add(1, std::memory_order_release);
+      p2p_wake->cv.notify_one();
     }
   }
   return work;
@@ -408,7 +440,8 @@ void MpiCollective::Impl::CollectiveLoop() {
 }
 
 // Sends and receives: non-blocking, polled, each with its own deadline. It
-// spins while a transfer is in flight and sleeps when idle.
+// spins after progress, polls flat out while a thread waits for one of its
+// transfers, and otherwise sleeps between polls (a new transfer wakes it).
 void MpiCollective::Impl::P2pLoop() {
   std::list<std::unique_ptr<Op>> in_flight;
   auto last_progress = Clock::now();
@@ -482,8 +515,20 @@ void MpiCollective::Impl::P2pLoop() {
     if (progress) {
       last_progress = now;
       sleep_us = 1;
+    } else if (options.poll_while_waiting && p2p_wake->waiters.load(std::memory_order_acquire) > 0) {
+      // A thread is blocked on a transfer, so its core is idle: poll flat
+      // out, yielding to any other runnable thread.
+      std::this_thread::yield();
     } else if (now - last_progress > std::chrono::microseconds(options.spin_us)) {
-      std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
+      // Sleep between polls, but start a newly queued transfer, or poll for
+      // a thread that starts waiting, at once.
+      P2pWake& wake = *p2p_wake;
+      const int64_t seen = wake.queued.load(std::memory_order_acquire);
+      std::unique_lock<std::mutex> lock(wake.mu);
+      wake.cv.wait_for(lock, std::chrono::microseconds(sleep_us), [&] {
+        return (options.poll_while_waiting && wake.waiters.load(std::memory_order_acquire) > 0) ||
+               wake.queued.load(std::memory_order_acquire) != seen;
+      });
       sleep_us = std::min(sleep_us * 2, std::max(options.max_sleep_us, 1));
     }
   }
@@ -664,6 +709,9 @@ Status MpiCollective::CreateSplit(const MpiCollectiveOptions& options, int color
   if (options.timeout.count() <= 0) return Status::InvalidArgument("MpiCollective: timeout must be > 0");
   auto impl = std::make_unique<Impl>();
   impl->options = options;
+  if (const char* y = std::getenv("OMPI_MCA_mpi_yield_when_idle"); y != nullptr && std::string(y) == "1") {
+    impl->options.poll_while_waiting = false;  // ranks share cores
+  }
   int world_rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
   int rc = MPI_Comm_split(MPI_COMM_WORLD, color, world_rank, &impl->comm);

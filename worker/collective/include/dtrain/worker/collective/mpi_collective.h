@@ -10,7 +10,9 @@
 //   - the point-to-point thread starts MPI_Isend/MPI_Irecv at once (so a send
 //     never waits behind a collective) and polls them with MPI_Test, spinning
 //     for up to `spin_us` after the last progress, then sleeping in growing
-//     steps up to `max_sleep_us`;
+//     steps up to `max_sleep_us`; a newly queued transfer ends a sleep at
+//     once, and while a thread waits for one of its transfers (Work::Wait,
+//     so that thread's core is idle) it polls without sleeping;
 //   - the watchdog thread sleeps until the running collective's announce time
 //     or deadline (the stall inspector below).
 //
@@ -66,6 +68,12 @@ struct MpiCollectiveOptions {
   int spin_us = 1000;
   // Longest sleep between polls. Default: 200 us.
   int max_sleep_us = 200;
+  // Point-to-point: poll without sleeping while a thread waits for one of
+  // the transfers (its core is idle then). Default: on, except where mpirun
+  // was told that ranks share cores (mpi_yield_when_idle, which
+  // launch/mpirun.sh sets for more ranks than cores): there the waiting
+  // rank's core runs another rank.
+  bool poll_while_waiting = true;
 };
 
 class MpiCollective : public Collective {
