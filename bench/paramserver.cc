@@ -15,7 +15,17 @@
 // kernel's. Goal (issue "Asynchronous parameter-server data parallelism"):
 // PS throughput >= 50% of raw TCP for 4 MB tensors.
 //
-//   build/bin/bench_paramserver [--tensors 8] [--tensor-mb 4] [--updates 10] [--out FILE]
+// Memory traffic: the table also gives each side's memory traffic, from a
+// model of the bytes one update reads and writes (P = the model's bytes):
+// raw TCP 8 P (four kernel copies: push send and receive, pull send and
+// receive, each reading and writing P); the parameter server 16 P (the same
+// four copies, the shard's NaN/Inf check 1 P, SGD with momentum 5 P: read
+// gradient, parameters and momentum, write parameters and momentum, and the
+// worker's copy of pulled values into its tensors 2 P). Where both are bound
+// by memory, PS/TCP is 0.5 x the ratio of the two traffic rates.
+//
+//   build/bin/bench_paramserver [--tensors 8] [--tensor-mb 4] [--updates 10] [--workers 1 2 4]
+//                               [--shards 1 2] [--chunk-mb 4] [--no-tcp] [--out FILE]
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -23,14 +33,17 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <thread>
+#include <vector>
 
 #include "dtrain/common/logging.h"
 #include "dtrain/paramserver/service.h"
@@ -113,10 +126,29 @@ double RawTcpSeconds(int workers, int updates, size_t bytes) {
   return s;
 }
 
+// This machine's memory traffic rate for one thread: bytes read + written
+// per second by memcpy of `bytes` between two buffers, the best of 5.
+double MemcpyTrafficGbPerS(size_t bytes) {
+  std::vector<char> a(bytes, 1), b(bytes, 2);
+  double best = 1e30;
+  for (int r = 0; r < 5; ++r) {
+    const auto t0 = Clock::now();
+    std::memcpy(b.data(), a.data(), bytes);
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+    a[r] = b[bytes - 1 - r];  // keep the copies observable
+  }
+  return 2.0 * static_cast<double>(bytes) / best / 1e9;
+}
+
 struct Row {
   int workers, shards;
   double ps_mb_s, tcp_mb_s, updates_s;
 };
+
+// Memory traffic per payload byte counted in MB/s (which counts P pushed and
+// P pulled per update): 8 P / 2 P for raw TCP, 16 P / 2 P for the parameter
+// server (see the top of this file).
+constexpr double kTcpTrafficPerPayload = 4, kPsTrafficPerPayload = 8;
 
 }  // namespace
 
@@ -129,6 +161,13 @@ int main(int argc, char** argv) {
   app.add_option("--tensor-mb", tensor_mb, "MiB per tensor")->capture_default_str();
   app.add_option("--updates", updates, "push+pull rounds per worker")->capture_default_str();
   app.add_option("--out", out, "JSON output")->capture_default_str();
+  std::vector<int> worker_counts = {1, 2, 4}, shard_counts = {1, 2};
+  app.add_option("--workers", worker_counts, "worker counts to measure")->capture_default_str();
+  app.add_option("--shards", shard_counts, "shard counts to measure")->capture_default_str();
+  double chunk_mb = 4;
+  app.add_option("--chunk-mb", chunk_mb, "MiB per streamed message (push and pull chunks)")->capture_default_str();
+  bool no_tcp = false;
+  app.add_flag("--no-tcp", no_tcp, "measure the parameter server only (for profiling; no ratio)");
   bool default_malloc = false;
   app.add_flag("--default-malloc", default_malloc,
                "leave glibc malloc's defaults (dtrain-ps and async workers keep transfer buffers in the heap)");
@@ -150,10 +189,14 @@ int main(int argc, char** argv) {
   std::printf("bench/paramserver: %d tensors x %.1f MiB (%.1f MiB per push and per pull), %d updates per worker, "
               "%u cores\n\n",
               tensors, tensor_mb, model_bytes / 1048576.0, updates, std::thread::hardware_concurrency());
-  std::printf("%8s %7s %12s %12s %10s %10s\n", "workers", "shards", "PS MB/s", "TCP MB/s", "PS/TCP", "updates/s");
+  const double memcpy_gb_s = MemcpyTrafficGbPerS(model_bytes);
+  std::printf("memcpy of %.0f MiB, one thread: %.1f GB/s of memory traffic (read + write)\n\n",
+              model_bytes / 1048576.0, memcpy_gb_s);
+  std::printf("%8s %7s %12s %12s %10s %10s %14s %15s\n", "workers", "shards", "PS MB/s", "TCP MB/s", "PS/TCP",
+              "updates/s", "PS mem GB/s", "TCP mem GB/s");
   std::vector<Row> rows;
-  for (int shards : {1, 2}) {
-    for (int workers : {1, 2, 4}) {
+  for (int shards : shard_counts) {
+    for (int workers : worker_counts) {
       ShardPlan plan;
       Check(PlanShards(specs, shards, &plan), "plan");
       std::vector<std::unique_ptr<PsServer>> servers;
@@ -162,10 +205,11 @@ int main(int argc, char** argv) {
         PsServerOptions o;
         o.shard.shard = s;
         o.shard.slices = plan.shards[s];
-        o.shard.optimizer.set_lr(0.01f);
+        o.shard.optimizer.set_lr(0.01f);  // and the defaults: Nesterov momentum 0.9, weight decay
         o.shard.max_staleness = 1 << 20;
         o.token = "bench";
         o.threads = 4;
+        o.chunk_bytes = static_cast<int64_t>(chunk_mb * (1 << 20));
         std::unique_ptr<PsServer> server;
         Check(PsServer::Start(o, &server), "server");
         addresses.push_back("127.0.0.1:" + std::to_string(server->port()));
@@ -178,6 +222,7 @@ int main(int argc, char** argv) {
         co.addresses = addresses;
         co.token = "bench";
         co.plan = plan;
+        co.chunk_bytes = static_cast<int64_t>(chunk_mb * (1 << 20));
         std::unique_ptr<PsClient> c;
         Check(PsClient::Connect(co, &c), "connect");
         clients.push_back(std::move(c));
@@ -215,11 +260,12 @@ int main(int argc, char** argv) {
       }
       clients.clear();
       for (auto& s : servers) s->Shutdown();
-      const double tcp_s = RawTcpSeconds(workers, updates, model_bytes);
+      const double tcp_s = no_tcp ? std::nan("") : RawTcpSeconds(workers, updates, model_bytes);
       const double tcp_bytes = 2.0 * workers * updates * static_cast<double>(model_bytes);
       Row r{workers, shards, moved / ps_s / 1e6, tcp_bytes / tcp_s / 1e6, workers * updates / ps_s};
-      std::printf("%8d %7d %12.0f %12.0f %10.3f %10.2f\n", r.workers, r.shards, r.ps_mb_s, r.tcp_mb_s,
-                  r.ps_mb_s / r.tcp_mb_s, r.updates_s);
+      std::printf("%8d %7d %12.0f %12.0f %10.3f %10.2f %14.1f %15.1f\n", r.workers, r.shards, r.ps_mb_s, r.tcp_mb_s,
+                  r.ps_mb_s / r.tcp_mb_s, r.updates_s, r.ps_mb_s * kPsTrafficPerPayload / 1e3,
+                  r.tcp_mb_s * kTcpTrafficPerPayload / 1e3);
       std::fflush(stdout);
       rows.push_back(r);
     }
@@ -231,10 +277,17 @@ int main(int argc, char** argv) {
   j["updates_per_worker"] = updates;
   j["cores"] = std::thread::hardware_concurrency();
   j["transfer_buffers_in_heap"] = !default_malloc;
+  j["chunk_mb"] = chunk_mb;
+  j["memcpy_traffic_gb_per_s"] = memcpy_gb_s;
+  j["memory_traffic_model"] =
+      "bytes read + written per update, P = model bytes: raw TCP 8 P (4 kernel copies), parameter server 16 P "
+      "(4 kernel copies, NaN/Inf check 1 P, SGD momentum 5 P, worker's copy of pulled values 2 P)";
   for (const Row& r : rows) {
     j["rows"].push_back({{"workers", r.workers}, {"shards", r.shards}, {"ps_mb_per_s", r.ps_mb_s},
                          {"tcp_mb_per_s", r.tcp_mb_s}, {"ps_over_tcp", r.ps_mb_s / r.tcp_mb_s},
-                         {"updates_per_s", r.updates_s}});
+                         {"updates_per_s", r.updates_s},
+                         {"ps_memory_traffic_gb_per_s", r.ps_mb_s * kPsTrafficPerPayload / 1e3},
+                         {"tcp_memory_traffic_gb_per_s", r.tcp_mb_s * kTcpTrafficPerPayload / 1e3}});
   }
   std::filesystem::create_directories(std::filesystem::path(out).parent_path());
   std::ofstream(out) << j.dump(2) << "\n";

@@ -530,6 +530,11 @@ Status PsClient::Connect(const PsClientOptions& o, std::unique_ptr<PsClient>* ou
   args.SetMaxReceiveMessageSize(o.max_message_bytes);
   args.SetMaxSendMessageSize(o.max_message_bytes);
   for (const auto& [key, value] : LargeTransferArgs()) args.SetInt(key, value);
+  // A connection of its own: gRPC otherwise shares one TCP connection (its
+  // subchannel) between all channels of a process to the same address, so
+  // the workers of one process (bench/paramserver, tests) would queue on a
+  // single connection where separate worker processes would not.
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   for (size_t i = 0; i < o.addresses.size(); ++i) {
     Impl::Shard x;
     x.channel = grpc::CreateCustomChannel(o.addresses[i], grpc::InsecureChannelCredentials(), args);
