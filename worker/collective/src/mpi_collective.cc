@@ -87,14 +87,12 @@ class WorkImpl : public Work {
     // While a thread waits here, the point-to-point thread polls without
     // sleeping (set_waiting_hook): the waiter's core is idle anyway.
     struct Waiting {
-      const std::function<void(int)>& hook;
-      explicit Waiting(const std::function<void(int)>& h) : hook(h) {
-        if (hook) hook(+1);
-      }
+      const std::function<void(int)>* hook;  // null: nothing to announce
       ~Waiting() {
-        if (hook) hook(-1);
+        if (hook) (*hook)(-1);
       }
-    } waiting(done_flag_.load(std::memory_order_acquire) ? kNoHook : waiting_hook_);
+    } waiting{waiting_hook_ && !done_flag_.load(std::memory_order_acquire) ? &waiting_hook_ : nullptr};
+    if (waiting.hook) (*waiting.hook)(+1);
     // Spin for a few tens of microseconds first: most small operations
     // complete within that, and a sleeping waiter costs a wake-up.
     const auto spin_until = Clock::now() + std::chrono::microseconds(kWaitSpinUs);
@@ -145,7 +143,6 @@ class WorkImpl : public Work {
   void set_waiting_hook(std::function<void(int)> hook) { waiting_hook_ = std::move(hook); }
 
  private:
-  static inline const std::function<void(int)> kNoHook{};
   std::function<void(int)> waiting_hook_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
