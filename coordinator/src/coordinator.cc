@@ -969,8 +969,11 @@ std::string JobsTable(const std::vector<JobRecord>& jobs, bool processes, int64_
       }
       const std::string step = p.progress().has_step() ? std::to_string(p.progress().step()) : "-";
       const std::string ips = p.progress().images_per_sec() > 0 ? Fixed(p.progress().images_per_sec(), 0) : "-";
-      std::snprintf(line, sizeof line, "    %-12s %-16s %8d %10s %9s %10s %s\n", ProcessName(p).c_str(),
-                    p.host().c_str(), p.pid(), step.c_str(), ips.c_str(), heartbeat.c_str(), state.c_str());
+      // Every column prints a word ("-" when empty), so that scripts can split rows on blanks.
+      const std::string host = p.host().empty() ? "-" : p.host();
+      const std::string pid = p.pid() > 0 ? std::to_string(p.pid()) : "-";
+      std::snprintf(line, sizeof line, "    %-12s %-16s %8s %10s %9s %10s %s\n", ProcessName(p).c_str(),
+                    host.c_str(), pid.c_str(), step.c_str(), ips.c_str(), heartbeat.c_str(), state.c_str());
       out += line;
     }
   }

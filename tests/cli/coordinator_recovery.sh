@@ -24,28 +24,36 @@ fail() { echo "coordinator_recovery: $*" >&2; cat "$WORK/run.log" >&2 2>/dev/nul
 "$DTRAIN" run "$CONFIG" "${common[@]}" --run-dir "$RUN" > "$WORK/run.log" 2>&1 &
 RUN_PID=$!
 
-# pid and step of a worker from `dtrain status RUN` ("worker R  host  pid  step ...").
-worker_field() {  # RANK FIELD(3=pid, 4=step)
-  "$DTRAIN" status "$RUN" 2>/dev/null | awk -v r="$1" -v f="$2" '$1 == "worker" && $2 == r { print $(f + 1); exit }'
+# "PID STEP" of a worker from one `dtrain status RUN` snapshot (its row reads
+# "worker R  HOST  PID  STEP ...", "-" for what is not known yet).
+worker_row() {  # RANK
+  "$DTRAIN" status "$RUN" 2>/dev/null | awk -v r="$1" '$1 == "worker" && $2 == r { print $4, $5; exit }'
 }
+# Waits until worker RANK of the attempt whose start ATTEMPT_MARKER logs has
+# registered (its pid is known) and reached MIN_STEP; sets `pid`. The marker
+# is looked for first: the coordinator saves the new attempt's empty process
+# rows before it logs the marker, so a row read after it is of that attempt.
 wait_step() {  # RANK MIN_STEP ATTEMPT_MARKER
   for _ in $(seq 1 600); do
     kill -0 $RUN_PID 2>/dev/null || fail "dtrain run ended before worker $1 reached step $2"
-    local s
-    s=$(worker_field "$1" 4)
-    if [[ "$s" =~ ^[0-9]+$ ]] && ((s >= $2)) && grep -q "$3" "$WORK/run.log"; then return 0; fi
+    if grep -q "$3" "$WORK/run.log"; then
+      local p s
+      read -r p s <<< "$(worker_row "$1")"
+      if [[ "$p" =~ ^[0-9]+$ && "$s" =~ ^[0-9]+$ ]] && ((s >= $2)); then
+        pid=$p
+        return 0
+      fi
+    fi
     sleep 0.2
   done
   fail "worker $1 never reached step $2"
 }
 
 wait_step 1 24 "attempt 1: starting launcher"
-pid=$(worker_field 1 3)
 echo "killing worker 1 (pid $pid) with SIGKILL"
 kill -9 "$pid" || fail "cannot kill $pid"
 
 wait_step 0 60 "attempt 2: starting launcher"
-pid=$(worker_field 0 3)
 echo "stopping worker 0 (pid $pid) with SIGSTOP: it hangs"
 kill -STOP "$pid" || fail "cannot stop $pid"
 
