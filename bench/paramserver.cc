@@ -24,7 +24,12 @@
 // worker's copy of pulled values into its tensors 2 P). Where both are bound
 // by memory, PS/TCP is 0.5 x the ratio of the two traffic rates.
 //
-//   build/bin/bench_paramserver [--tensors 8] [--tensor-mb 4] [--updates 10] [--workers 1 2 4]
+// Paired rounds (--rounds, default 3): each row measures the parameter
+// server, then raw TCP, back to back, R times, and gives the medians (the
+// ratio's is the median of the rounds' ratios); this machine's speed drifts
+// by 10-20% between runs a minute apart.
+//
+//   build/bin/bench_paramserver [--tensors 8] [--tensor-mb 4] [--updates 10] [--rounds 3] [--workers 1 2 4]
 //                               [--shards 1 2] [--chunk-mb 4] [--no-tcp] [--out FILE]
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -41,7 +46,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -140,10 +147,24 @@ double MemcpyTrafficGbPerS(size_t bytes) {
   return 2.0 * static_cast<double>(bytes) / best / 1e9;
 }
 
+// One row's paired rounds.
 struct Row {
   int workers, shards;
-  double ps_mb_s, tcp_mb_s, updates_s;
+  std::vector<double> ps_mb_s, tcp_mb_s, updates_s, ratio;
 };
+
+double Median(std::vector<double> v) {
+  if (v.empty()) return std::nan("");
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+std::string Fixed3(double x) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.3f", x);
+  return b;
+}
 
 // Memory traffic per payload byte counted in MB/s (which counts P pushed and
 // P pulled per update): 8 P / 2 P for raw TCP, 16 P / 2 P for the parameter
@@ -154,12 +175,15 @@ constexpr double kTcpTrafficPerPayload = 4, kPsTrafficPerPayload = 8;
 
 int main(int argc, char** argv) {
   CLI::App app{"bench_paramserver: parameter-server push+pull throughput vs raw TCP on loopback", "bench_paramserver"};
-  int tensors = 8, updates = 10;
+  int tensors = 8, updates = 10, rounds = 3;
   double tensor_mb = 4;
   std::string out = "bench/results/paramserver.json";
   app.add_option("--tensors", tensors, "tensors in the model")->capture_default_str();
   app.add_option("--tensor-mb", tensor_mb, "MiB per tensor")->capture_default_str();
   app.add_option("--updates", updates, "push+pull rounds per worker")->capture_default_str();
+  app.add_option("--rounds", rounds, "paired rounds per row (parameter server, then raw TCP); the row gives medians")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--out", out, "JSON output")->capture_default_str();
   std::vector<int> worker_counts = {1, 2, 4}, shard_counts = {1, 2};
   app.add_option("--workers", worker_counts, "worker counts to measure")->capture_default_str();
@@ -192,8 +216,8 @@ int main(int argc, char** argv) {
   const double memcpy_gb_s = MemcpyTrafficGbPerS(model_bytes);
   std::printf("memcpy of %.0f MiB, one thread: %.1f GB/s of memory traffic (read + write)\n\n",
               model_bytes / 1048576.0, memcpy_gb_s);
-  std::printf("%8s %7s %12s %12s %10s %10s %14s %15s\n", "workers", "shards", "PS MB/s", "TCP MB/s", "PS/TCP",
-              "updates/s", "PS mem GB/s", "TCP mem GB/s");
+  std::printf("%8s %7s %12s %12s %10s %10s %14s %15s   %s\n", "workers", "shards", "PS MB/s", "TCP MB/s", "PS/TCP",
+              "updates/s", "PS mem GB/s", "TCP mem GB/s", "PS/TCP per round");
   std::vector<Row> rows;
   for (int shards : shard_counts) {
     for (int workers : worker_counts) {
@@ -235,37 +259,51 @@ int main(int argc, char** argv) {
         for (auto& [k, v] : params[w]) t[k] = v.data();
         Check(clients[w]->Pull(t), "first pull");
       }
-      std::vector<int64_t> base_pushed(workers), base_pulled(workers);
-      for (int w = 0; w < workers; ++w) {
-        base_pushed[w] = clients[w]->bytes_pushed();
-        base_pulled[w] = clients[w]->bytes_pulled();
-      }
-      const auto t0 = Clock::now();
-      std::vector<std::thread> threads;
-      for (int w = 0; w < workers; ++w) {
-        threads.emplace_back([&, w] {
-          Tensors t;
-          for (auto& [k, v] : params[w]) t[k] = v.data();
-          for (int u = 0; u < updates; ++u) {
-            Check(clients[w]->Push(grads, nullptr), "push");
-            Check(clients[w]->Pull(t), "pull");
-          }
-        });
-      }
-      for (auto& t : threads) t.join();
-      const double ps_s = std::chrono::duration<double>(Clock::now() - t0).count();
-      int64_t moved = 0;
-      for (int w = 0; w < workers; ++w) {
-        moved += clients[w]->bytes_pushed() - base_pushed[w] + clients[w]->bytes_pulled() - base_pulled[w];
+      // One timed run: every worker does `updates` push + pull rounds.
+      auto run_ps = [&](int64_t* moved) {
+        std::vector<int64_t> base(static_cast<size_t>(workers));
+        for (int w = 0; w < workers; ++w) base[w] = clients[w]->bytes_pushed() + clients[w]->bytes_pulled();
+        const auto t0 = Clock::now();
+        std::vector<std::thread> threads;
+        for (int w = 0; w < workers; ++w) {
+          threads.emplace_back([&, w] {
+            Tensors t;
+            for (auto& [k, v] : params[w]) t[k] = v.data();
+            for (int u = 0; u < updates; ++u) {
+              Check(clients[w]->Push(grads, nullptr), "push");
+              Check(clients[w]->Pull(t), "pull");
+            }
+          });
+        }
+        for (auto& t : threads) t.join();
+        const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+        *moved = 0;
+        for (int w = 0; w < workers; ++w) *moved += clients[w]->bytes_pushed() + clients[w]->bytes_pulled() - base[w];
+        return seconds;
+      };
+      // Paired rounds: the parameter server, then raw TCP, back to back; the
+      // row gives the medians (this machine's speed drifts between runs).
+      Row r{workers, shards, {}, {}, {}, {}};
+      const double tcp_bytes = 2.0 * workers * updates * static_cast<double>(model_bytes);
+      for (int round = 0; round < rounds; ++round) {
+        int64_t moved = 0;
+        const double ps_s = run_ps(&moved);
+        r.ps_mb_s.push_back(static_cast<double>(moved) / ps_s / 1e6);
+        r.updates_s.push_back(workers * updates / ps_s);
+        if (no_tcp) continue;
+        // The shards stay up, idle, while TCP runs.
+        r.tcp_mb_s.push_back(tcp_bytes / RawTcpSeconds(workers, updates, model_bytes) / 1e6);
+        r.ratio.push_back(r.ps_mb_s.back() / r.tcp_mb_s.back());
       }
       clients.clear();
       for (auto& s : servers) s->Shutdown();
-      const double tcp_s = no_tcp ? std::nan("") : RawTcpSeconds(workers, updates, model_bytes);
-      const double tcp_bytes = 2.0 * workers * updates * static_cast<double>(model_bytes);
-      Row r{workers, shards, moved / ps_s / 1e6, tcp_bytes / tcp_s / 1e6, workers * updates / ps_s};
-      std::printf("%8d %7d %12.0f %12.0f %10.3f %10.2f %14.1f %15.1f\n", r.workers, r.shards, r.ps_mb_s, r.tcp_mb_s,
-                  r.ps_mb_s / r.tcp_mb_s, r.updates_s, r.ps_mb_s * kPsTrafficPerPayload / 1e3,
-                  r.tcp_mb_s * kTcpTrafficPerPayload / 1e3);
+      const double ps = Median(r.ps_mb_s), tcp = no_tcp ? std::nan("") : Median(r.tcp_mb_s);
+      const double ratio = no_tcp ? std::nan("") : Median(r.ratio);
+      std::string each;
+      for (double x : r.ratio) each += (each.empty() ? "" : " ") + Fixed3(x);
+      std::printf("%8d %7d %12.0f %12.0f %10.3f %10.2f %14.1f %15.1f   %s\n", r.workers, r.shards, ps, tcp, ratio,
+                  Median(r.updates_s), ps * kPsTrafficPerPayload / 1e3, tcp * kTcpTrafficPerPayload / 1e3,
+                  each.c_str());
       std::fflush(stdout);
       rows.push_back(r);
     }
@@ -282,12 +320,17 @@ int main(int argc, char** argv) {
   j["memory_traffic_model"] =
       "bytes read + written per update, P = model bytes: raw TCP 8 P (4 kernel copies), parameter server 16 P "
       "(4 kernel copies, NaN/Inf check 1 P, SGD momentum 5 P, worker's copy of pulled values 2 P)";
+  j["rounds"] = rounds;
+  j["row_figures"] = "medians of the paired rounds; the per-round figures follow";
   for (const Row& r : rows) {
-    j["rows"].push_back({{"workers", r.workers}, {"shards", r.shards}, {"ps_mb_per_s", r.ps_mb_s},
-                         {"tcp_mb_per_s", r.tcp_mb_s}, {"ps_over_tcp", r.ps_mb_s / r.tcp_mb_s},
-                         {"updates_per_s", r.updates_s},
-                         {"ps_memory_traffic_gb_per_s", r.ps_mb_s * kPsTrafficPerPayload / 1e3},
-                         {"tcp_memory_traffic_gb_per_s", r.tcp_mb_s * kTcpTrafficPerPayload / 1e3}});
+    const double ps = Median(r.ps_mb_s), tcp = Median(r.tcp_mb_s);
+    j["rows"].push_back({{"workers", r.workers}, {"shards", r.shards}, {"ps_mb_per_s", ps},
+                         {"tcp_mb_per_s", tcp}, {"ps_over_tcp", Median(r.ratio)},
+                         {"updates_per_s", Median(r.updates_s)},
+                         {"ps_memory_traffic_gb_per_s", ps * kPsTrafficPerPayload / 1e3},
+                         {"tcp_memory_traffic_gb_per_s", tcp * kTcpTrafficPerPayload / 1e3},
+                         {"rounds_ps_mb_per_s", r.ps_mb_s}, {"rounds_tcp_mb_per_s", r.tcp_mb_s},
+                         {"rounds_ps_over_tcp", r.ratio}});
   }
   std::filesystem::create_directories(std::filesystem::path(out).parent_path());
   std::ofstream(out) << j.dump(2) << "\n";

@@ -1,16 +1,28 @@
 #include "dtrain/paramserver/optimizer.h"
 
 #include <cmath>
+#include <cstring>
 
 namespace dtrain::paramserver {
 namespace {
+
+// Gradient values read from float32 bytes at any alignment (a push is read
+// where it was received, in the gRPC buffers): each load is a 4-byte memcpy,
+// which GCC turns into unaligned vector loads.
+struct Grad {
+  const uint8_t* __restrict bytes;
+  float operator[](int64_t i) const {
+    float x;
+    std::memcpy(&x, bytes + 4 * i, sizeof x);
+    return x;
+  }
+};
 
 // One SGD step over n elements, in torch::optim::SGD's order of operations
 // (so results match it bit for bit): parameters read from `in`, written to
 // `out`; kInPlace when they are the same array.
 template <bool kInPlace, bool kDecay, bool kMomentum, bool kNesterov, bool kFirst>
-void SgdLoop(const float* in, float* out, const float* __restrict g, float* __restrict buf, int64_t n, float lr,
-             float wd, float mom) {
+void SgdLoop(const float* in, float* out, Grad g, float* __restrict buf, int64_t n, float lr, float wd, float mom) {
   if (kInPlace) {
     float* __restrict p = out;
     for (int64_t i = 0; i < n; ++i) {
@@ -38,8 +50,8 @@ void SgdLoop(const float* in, float* out, const float* __restrict g, float* __re
 }
 
 template <bool kInPlace>
-void SgdDispatch(bool decay, bool momentum, bool nesterov, bool first, const float* in, float* out, const float* g,
-                 float* buf, int64_t n, float lr, float wd, float mom) {
+void SgdDispatch(bool decay, bool momentum, bool nesterov, bool first, const float* in, float* out, Grad g, float* buf,
+                 int64_t n, float lr, float wd, float mom) {
   if (!momentum) {
     if (decay) SgdLoop<kInPlace, true, false, false, false>(in, out, g, buf, n, lr, wd, mom);
     if (!decay) SgdLoop<kInPlace, false, false, false, false>(in, out, g, buf, n, lr, wd, mom);
@@ -57,8 +69,8 @@ void SgdDispatch(bool decay, bool momentum, bool nesterov, bool first, const flo
 
 // torch::optim::AdamW: decoupled decay, then the moments, bias-corrected.
 template <bool kInPlace>
-void AdamWLoop(const float* in, float* out, const float* __restrict g, float* __restrict m, float* __restrict v,
-               int64_t n, float decay, float b1, float b2, float eps, float step_size, float sqrt_bc2) {
+void AdamWLoop(const float* in, float* out, Grad g, float* __restrict m, float* __restrict v, int64_t n, float decay,
+               float b1, float b2, float eps, float step_size, float sqrt_bc2) {
   if (kInPlace) {
     float* __restrict p = out;
     for (int64_t i = 0; i < n; ++i) {
@@ -134,8 +146,9 @@ ServerOptimizer::Step ServerOptimizer::Begin(int64_t n, double lr, SlotState* s)
   return st;
 }
 
-void ServerOptimizer::Run(const Step& st, const float* in, float* out, const float* g, int64_t begin,
+void ServerOptimizer::Run(const Step& st, const float* in, float* out, const void* grad, int64_t begin,
                           int64_t count) const {
+  const Grad g{static_cast<const uint8_t*>(grad)};
   const float wd = config_.weight_decay();
   SlotState* s = st.state;
   const bool in_place = in == out;

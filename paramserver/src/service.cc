@@ -336,6 +336,7 @@ class Service final : public grpc::Service {
 void KeepTransferBuffersInTheHeap() {
   mallopt(M_MMAP_THRESHOLD, 256 << 20);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  mallopt(M_ARENA_MAX, 1);
 }
 
 PsServerOptions PsServerOptionsFromConfig(const JobConfig& config, int shard, const std::string& token) {

@@ -9,62 +9,65 @@
 namespace dtrain::paramserver {
 namespace {
 
-// The index of the first NaN or infinity in x[0, n), or n. Blocks are checked
-// by OR-ing a bit test (all exponent bits set), which vectorises; only a
-// block that has one is searched element by element.
-int64_t FirstNonFinite(const float* x, int64_t n) {
+// The index of the first NaN or infinity among the n float32 values at
+// `bytes` (any alignment), or n. Blocks are checked by OR-ing a bit test
+// (all exponent bits set), which vectorises; only a block that has one is
+// searched element by element.
+int64_t FirstNonFinite(const uint8_t* bytes, int64_t n) {
   constexpr int64_t kBlock = 4096;
   for (int64_t begin = 0; begin < n; begin += kBlock) {
     const int64_t end = std::min(n, begin + kBlock);
     uint32_t bad = 0;
     for (int64_t i = begin; i < end; ++i) {
       uint32_t bits;
-      std::memcpy(&bits, x + i, sizeof bits);
+      std::memcpy(&bits, bytes + 4 * i, sizeof bits);
       bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
     }
     if (bad == 0) continue;
     for (int64_t i = begin; i < end; ++i) {
-      if (!std::isfinite(x[i])) return i;
+      float x;
+      std::memcpy(&x, bytes + 4 * i, sizeof x);
+      if (!std::isfinite(x)) return i;
     }
   }
   return n;
 }
 
-// Calls fn(begin, block, n) for consecutive blocks of a view's elements:
-// its data at once, or its pieces through an aligned staging block small
-// enough to stay in cache (so pieces cost no pass over memory of their own,
-// and an element split between two pieces is joined).
-void ForEachBlock(const SliceView& v, const std::function<void(int64_t, const float*, int64_t)>& fn) {
+// Calls fn(begin, bytes, n) for consecutive runs of a view's elements, where
+// `bytes` holds elements [begin, begin + n) as float32 at any alignment: its
+// data at once, or each piece of the received buffers where it lies (no
+// copy; the optimizer and the check load unaligned). An element split
+// between two pieces is joined in a 4-byte buffer and given alone.
+void ForEachRun(const SliceView& v, const std::function<void(int64_t, const uint8_t*, int64_t)>& fn) {
   if (v.data != nullptr || v.pieces.empty()) {
-    if (v.length > 0) fn(0, v.data, v.length);
+    if (v.length > 0) fn(0, reinterpret_cast<const uint8_t*>(v.data), v.length);
     return;
   }
-  constexpr int64_t kBlock = 16384;  // 64 KiB
-  thread_local std::unique_ptr<float[]> staging(new float[kBlock]);
-  auto* dst = reinterpret_cast<uint8_t*>(staging.get());
-  constexpr size_t kBlockBytes = kBlock * sizeof(float);
-  size_t filled = 0;
+  uint8_t split[sizeof(float)];
+  size_t have = 0;  // bytes of a split element gathered so far
   int64_t begin = 0;
   for (auto [p, n] : v.pieces) {
-    while (n > 0) {
-      const size_t k = std::min(n, kBlockBytes - filled);
-      std::memcpy(dst + filled, p, k);
-      filled += k;
+    if (have > 0) {
+      const size_t k = std::min(n, sizeof(float) - have);
+      std::memcpy(split + have, p, k);
+      have += k;
       p += k;
       n -= k;
-      if (filled == kBlockBytes) {
-        fn(begin, staging.get(), kBlock);
-        begin += kBlock;
-        filled = 0;
-      }
+      if (have < sizeof(float)) continue;
+      fn(begin++, split, 1);
+      have = 0;
     }
+    const int64_t whole = static_cast<int64_t>(n / sizeof(float));
+    if (whole > 0) fn(begin, p, whole);
+    begin += whole;
+    have = n % sizeof(float);
+    std::memcpy(split, p + static_cast<size_t>(whole) * sizeof(float), have);
   }
-  if (filled > 0) fn(begin, staging.get(), static_cast<int64_t>(filled / sizeof(float)));
 }
 
 // Copies a view's elements to dst[0, length).
 void CopyView(const SliceView& v, float* dst) {
-  ForEachBlock(v, [dst](int64_t begin, const float* x, int64_t n) {
+  ForEachRun(v, [dst](int64_t begin, const uint8_t* x, int64_t n) {
     std::memcpy(dst + begin, x, sizeof(float) * static_cast<size_t>(n));
   });
 }
@@ -283,7 +286,7 @@ Status ParameterShard::Push(int64_t base_version, const std::vector<SliceView>& 
   }
   for (const SliceView& g : grads) {
     int64_t i = g.length;
-    ForEachBlock(g, [&i](int64_t begin, const float* x, int64_t n) {
+    ForEachRun(g, [&i](int64_t begin, const uint8_t* x, int64_t n) {
       const int64_t j = FirstNonFinite(x, n);
       if (j < n) i = std::min(i, begin + j);
     });
@@ -331,7 +334,7 @@ Status ParameterShard::Push(int64_t base_version, const std::vector<SliceView>& 
       }
       out = s->spare.get();
     }
-    ForEachBlock(grads[i], [&](int64_t begin, const float* g, int64_t n) { optimizer_.Run(step, in, out, g, begin, n); });
+    ForEachRun(grads[i], [&](int64_t begin, const uint8_t* g, int64_t n) { optimizer_.Run(step, in, out, g, begin, n); });
     if (out != in) std::swap(s->values, s->spare);
     s->changed_at = v + 1;
   }

@@ -518,6 +518,38 @@ TEST(WireCodecTest, ProtobufBytesWrittenAndReadWithoutCopies) {
   EXPECT_THAT(ParseWireMessage(grpc::ByteBuffer(&g, 1), 3, &bad).message(), HasSubstr("wire type 3"));
 }
 
+TEST(WireCodecTest, LargeChunksCopyExactlyWhateverTheAlignment) {
+  // Chunks of 1 MiB and more are copied with streaming stores (wire.cc):
+  // every byte arrives, in pieces and at destinations of any alignment, and
+  // nothing past the chunk is written.
+  const size_t bytes = (3 << 19) + 12;  // 1.5 MiB and 3 floats
+  std::vector<uint8_t> src(bytes + 16);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<uint8_t>(i * 131 + 7);
+  for (size_t src_shift : {size_t{0}, size_t{1}, size_t{6}}) {
+    for (size_t dst_shift : {size_t{0}, size_t{3}, size_t{8}, size_t{13}}) {
+      ChunkRef c;
+      c.size = bytes;
+      const uint8_t* p = src.data() + src_shift;
+      for (size_t left = bytes, i = 0; left > 0; ++i) {  // pieces of awkward sizes
+        const size_t n = std::min(left, std::vector<size_t>{65537, 5, 1 << 20, 63}[i % 4]);
+        c.pieces.emplace_back(p, n);
+        p += n;
+        left -= n;
+      }
+      std::vector<uint8_t> dst(bytes + 32, 0xAB);
+      c.CopyTo(dst.data() + dst_shift);
+      EXPECT_TRUE(std::equal(src.begin() + static_cast<std::ptrdiff_t>(src_shift),
+                             src.begin() + static_cast<std::ptrdiff_t>(src_shift + bytes),
+                             dst.begin() + static_cast<std::ptrdiff_t>(dst_shift)))
+          << "source +" << src_shift << ", destination +" << dst_shift;
+      EXPECT_TRUE(std::all_of(dst.begin(), dst.begin() + static_cast<std::ptrdiff_t>(dst_shift),
+                              [](uint8_t b) { return b == 0xAB; }));
+      EXPECT_TRUE(std::all_of(dst.begin() + static_cast<std::ptrdiff_t>(dst_shift + bytes), dst.end(),
+                              [](uint8_t b) { return b == 0xAB; }));
+    }
+  }
+}
+
 TEST(ParameterShardTest, ConcurrentPushesAreAllApplied) {
   ShardOptions o;
   o.optimizer.set_kind(OptimizerConfig::SGD);

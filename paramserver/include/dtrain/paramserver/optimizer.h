@@ -46,7 +46,8 @@ class ServerOptimizer {
   // (the shard applies pushes straight from the received buffers):
   // Begin counts the step and sizes the state of a slice of n elements; Run
   // updates elements [begin, begin + count) from the gradient block
-  // grad[0, count), reading the parameters at in + begin and writing them at
+  // grad[0, count) (float32 at any alignment: received bytes are read where
+  // they lie), reading the parameters at in + begin and writing them at
   // out + begin (out may equal in; a different out leaves in untouched, for
   // values a pull still reads). Every element exactly once per update.
   struct Step {
@@ -57,7 +58,7 @@ class ServerOptimizer {
     float sqrt_bias_correction2 = 1;  // AdamW: sqrt(1 - beta2^t)
   };
   Step Begin(int64_t n, double lr, SlotState* state) const;
-  void Run(const Step& step, const float* in, float* out, const float* grad, int64_t begin, int64_t count) const;
+  void Run(const Step& step, const float* in, float* out, const void* grad, int64_t begin, int64_t count) const;
 
   // The slot names of this optimizer's state.
   std::vector<std::string> SlotNames() const;

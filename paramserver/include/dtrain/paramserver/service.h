@@ -59,9 +59,15 @@ struct PsServerOptions {
 // Makes glibc's malloc keep buffers of up to 256 MiB in its heap instead of
 // mapping fresh pages for each one (and returning them at once): every push
 // and pull allocates and frees buffers of megabytes, and fresh pages cost a
-// page fault and zeroing per 4 KiB. For the processes that move tensors
-// (dtrain-ps, async workers, bench_paramserver); docs/benchmarks.md has the
-// effect.
+// page fault and zeroing per 4 KiB. It also keeps every thread on the one
+// main heap (M_ARENA_MAX 1): gRPC's threads would otherwise get arenas of
+// their own, made of 64 MiB sub-heaps that glibc unmaps when they empty, so
+// that received messages kept landing on fresh pages (about 1,000 page faults
+// per update in bench_paramserver, 2 workers x 1 shard; none after). One
+// heap serialises malloc between threads, which costs nothing measurable in
+// these processes: few threads, and large buffers. For the processes that
+// move tensors (dtrain-ps, async workers, bench_paramserver);
+// docs/benchmarks.md has the effect.
 void KeepTransferBuffersInTheHeap();
 
 // The options of shard `shard` of `config`'s parallelism.async (optimizer,
