@@ -61,7 +61,7 @@ void ForEachRun(const SliceView& v, const std::function<void(int64_t, const uint
     if (whole > 0) fn(begin, p, whole);
     begin += whole;
     have = n % sizeof(float);
-    std::memcpy(split, p + static_cast<size_t>(whole) * sizeof(float), have);
+    if (have > 0) std::memcpy(split, p + static_cast<size_t>(whole) * sizeof(float), have);
   }
 }
 
