@@ -30,7 +30,7 @@
 // by 10-20% between runs a minute apart.
 //
 //   build/bin/bench_paramserver [--tensors 8] [--tensor-mb 4] [--updates 10] [--rounds 3] [--workers 1 2 4]
-//                               [--shards 1 2] [--chunk-mb 4] [--no-tcp] [--out FILE]
+//                               [--shards 1 2] [--chunk-mb 4] [--apply-threads 2] [--no-tcp] [--out FILE]
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -190,6 +190,10 @@ int main(int argc, char** argv) {
   app.add_option("--shards", shard_counts, "shard counts to measure")->capture_default_str();
   double chunk_mb = 4;
   app.add_option("--chunk-mb", chunk_mb, "MiB per streamed message (push and pull chunks)")->capture_default_str();
+  int apply_threads = ShardOptions().apply_threads;
+  app.add_option("--apply-threads", apply_threads, "threads that apply one large push on a shard (ShardOptions)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   bool no_tcp = false;
   app.add_flag("--no-tcp", no_tcp, "measure the parameter server only (for profiling; no ratio)");
   bool default_malloc = false;
@@ -231,6 +235,7 @@ int main(int argc, char** argv) {
         o.shard.slices = plan.shards[s];
         o.shard.optimizer.set_lr(0.01f);  // and the defaults: Nesterov momentum 0.9, weight decay
         o.shard.max_staleness = 1 << 20;
+        o.shard.apply_threads = apply_threads;
         o.token = "bench";
         o.threads = 4;
         o.chunk_bytes = static_cast<int64_t>(chunk_mb * (1 << 20));
@@ -316,6 +321,7 @@ int main(int argc, char** argv) {
   j["cores"] = std::thread::hardware_concurrency();
   j["transfer_buffers_in_heap"] = !default_malloc;
   j["chunk_mb"] = chunk_mb;
+  j["apply_threads"] = apply_threads;
   j["memcpy_traffic_gb_per_s"] = memcpy_gb_s;
   j["memory_traffic_model"] =
       "bytes read + written per update, P = model bytes: raw TCP 8 P (4 kernel copies), parameter server 16 P "

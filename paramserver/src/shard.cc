@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <set>
+#include <thread>
 #include <tuple>
 #include <algorithm>
 
@@ -91,6 +92,9 @@ Status ParameterShard::Create(const ShardOptions& options, std::unique_ptr<Param
   DTRAIN_RETURN_IF_ERROR(ServerOptimizer::Create(options.optimizer, &s->optimizer_));
   if (options.max_staleness < 0) {
     return Status::InvalidArgument("max_staleness must be >= 0, got " + std::to_string(options.max_staleness));
+  }
+  if (options.apply_threads < 1) {
+    return Status::InvalidArgument("apply_threads must be >= 1, got " + std::to_string(options.apply_threads));
   }
   s->options_ = options;
   if (!s->options_.lr_at) {
@@ -320,7 +324,7 @@ Status ParameterShard::Push(int64_t base_version, const std::vector<SliceView>& 
                            "): pull and recompute");
   }
   const double lr = options_.lr_at(v);
-  for (size_t i = 0; i < grads.size(); ++i) {
+  auto apply_slice = [&](size_t i) {
     Slot* s = slots[i];
     std::lock_guard<std::mutex> lock(s->mu);
     const ServerOptimizer::Step step = optimizer_.Begin(grads[i].length, lr, &s->state);
@@ -337,7 +341,38 @@ Status ParameterShard::Push(int64_t base_version, const std::vector<SliceView>& 
     ForEachRun(grads[i], [&](int64_t begin, const uint8_t* g, int64_t n) { optimizer_.Run(step, in, out, g, begin, n); });
     if (out != in) std::swap(s->values, s->spare);
     s->changed_at = v + 1;
+  };
+  // Threads for this push: consecutive slices, about equal elements each.
+  int64_t elements = 0;
+  for (const SliceView& g : grads) elements += g.length;
+  const int threads = static_cast<int>(std::min<int64_t>(
+      {options_.apply_threads, static_cast<int64_t>(grads.size()),
+       elements * static_cast<int64_t>(sizeof(float)) >= kParallelApplyBytes ? options_.apply_threads : 1}));
+  std::vector<std::thread> helpers;
+  size_t next = 0;
+  int64_t done = 0;
+  for (int t = 0; t < threads; ++t) {
+    const size_t begin = next;
+    // Take slices until this thread has its share of what is left.
+    const int64_t share = (elements - done) / (threads - t);
+    int64_t taken = 0;
+    while (next < grads.size() && (taken < share || next == begin) &&
+           grads.size() - next > static_cast<size_t>(threads - t - 1)) {
+      taken += grads[next++].length;
+    }
+    if (t == threads - 1) next = grads.size();
+    done += taken;
+    const size_t end = next;
+    auto run = [&apply_slice, begin, end] {
+      for (size_t i = begin; i < end; ++i) apply_slice(i);
+    };
+    if (t == threads - 1) {
+      run();  // the last share on this thread
+    } else {
+      helpers.emplace_back(run);
+    }
   }
+  for (std::thread& h : helpers) h.join();
   version_ = v + 1;
   {
     std::lock_guard<std::mutex> lock(counters_mu_);

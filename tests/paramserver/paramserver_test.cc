@@ -398,6 +398,62 @@ TEST(ParameterShardTest, PushesInPiecesEqualPushesInOnePiece) {
   EXPECT_THAT(cut.shards[0]->Push(cut.shards[0]->version(), {v}, &r).message(), HasSubstr("bytes of data for"));
 }
 
+TEST(ParameterShardTest, LargePushesAppliedBySeveralThreadsEqualOneThread) {
+  // A push of at least kParallelApplyBytes is applied by apply_threads
+  // threads, its slices split between them: the values, the optimizer state
+  // and the versions are what one thread gives, bit for bit, for SGD and
+  // AdamW, with the slices split unevenly.
+  const std::vector<ParamSpec> params = {
+      {"a", 700000, 4}, {"b", 300000, 4}, {"c", 500000, 4}, {"d", 10, 4}, {"e", 900000, 4}};
+  for (const bool adamw : {false, true}) {
+    ShardOptions base = SgdOptions(10);
+    if (adamw) base.optimizer.set_kind(OptimizerConfig::ADAMW);
+    ShardOptions one = base, three = base;
+    one.apply_threads = 1;
+    three.apply_threads = 3;
+    TwoShards a(one, params), b(three, params);
+    for (const ParamSlice& sl : a.plan.shards[0]) ASSERT_GT(sl.length, 0);
+    int64_t shard0_bytes = 0;
+    for (const ParamSlice& sl : a.plan.shards[0]) shard0_bytes += 4 * sl.length;
+    ASSERT_GE(shard0_bytes, kParallelApplyBytes);  // the threaded path runs
+    std::mt19937 rng(11);
+    std::normal_distribution<float> normal;
+    for (int step = 0; step < 3; ++step) {
+      std::map<std::string, std::vector<float>> g;
+      for (const ParamSpec& p : params) {
+        auto& v = g[p.name];
+        v.resize(static_cast<size_t>(p.numel));
+        for (float& x : v) x = normal(rng);
+      }
+      for (int s = 0; s < 2; ++s) {
+        PushResult ra, rb;
+        ASSERT_TRUE(a.shards[s]->Push(step, a.Grads(s, g), &ra).ok());
+        ASSERT_TRUE(b.shards[s]->Push(step, b.Grads(s, g), &rb).ok());
+        EXPECT_EQ(ra.version, rb.version);
+      }
+    }
+    EXPECT_EQ(a.Values(), b.Values()) << (adamw ? "AdamW" : "SGD");
+    for (int s = 0; s < 2; ++s) {
+      std::map<std::string, std::vector<float>> sa, sb;
+      int64_t va = 0, vb = 0, oa = 0, ob = 0;
+      auto collect = [](std::map<std::string, std::vector<float>>* out) {
+        return [out](const ParamSlice& sl, const std::string& slot, const float* x) {
+          (*out)[sl.name + "/" + std::to_string(sl.offset) + "/" + slot].assign(x, x + sl.length);
+        };
+      };
+      ASSERT_TRUE(a.shards[s]->VisitState(&va, &oa, collect(&sa)).ok());
+      ASSERT_TRUE(b.shards[s]->VisitState(&vb, &ob, collect(&sb)).ok());
+      EXPECT_EQ(va, vb);
+      EXPECT_EQ(oa, ob);
+      EXPECT_EQ(sa, sb) << "optimizer state of shard " << s;
+    }
+  }
+  ShardOptions zero = SgdOptions(10);
+  zero.apply_threads = 0;
+  std::unique_ptr<ParameterShard> bad;
+  EXPECT_THAT(ParameterShard::Create(zero, &bad).message(), HasSubstr("apply_threads must be >= 1"));
+}
+
 TEST(ParameterShardTest, APullInFlightKeepsTheValuesItRead) {
   // VisitChanged hands out the values without copying them; a push that
   // comes while a pull still holds them writes elsewhere (copy on write).

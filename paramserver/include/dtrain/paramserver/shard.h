@@ -13,8 +13,9 @@
 //     Accepted stalenesses are counted in a histogram.
 //  3. Apply: the learning rate is lr_at(v) (the job's schedule at the global
 //     step the update makes); each slice is updated under its own mutex (one
-//     lock per tensor slice, not one for the shard), then the version becomes
-//     v + 1 and each updated slice records it as its last change.
+//     lock per tensor slice, not one for the shard), by up to apply_threads
+//     threads for a large push, then the version becomes v + 1 and each
+//     updated slice records it as its last change.
 // Steps 2 and 3 are one critical section on the version (pushes are applied
 // one at a time, in admission order), so versions count applied updates
 // exactly; pulls only take the slice locks and run beside pushes.
@@ -102,7 +103,17 @@ struct ShardOptions {
   // The learning rate of the update that takes the shard from version v to
   // v + 1. Default: optimizer.lr, constant.
   std::function<double(int64_t)> lr_at;
+  // Threads that apply one push of at least kParallelApplyBytes (its slices
+  // split between them, balanced by size; each slice under its own lock as
+  // always). Pushes are applied one at a time, so while one is applied the
+  // other pushes wait: a second thread uses a core that would idle then.
+  // 1: the calling thread alone.
+  int apply_threads = 2;
 };
+
+// Pushes smaller than this are applied by the calling thread alone: a
+// thread's start costs tens of microseconds.
+constexpr int64_t kParallelApplyBytes = 4 << 20;
 
 struct PushResult {
   int64_t version = 0;    // the shard's version after the push
