@@ -234,6 +234,18 @@ struct TwoShards {
   }
 };
 
+// A gradient of normally distributed values for every tensor of `params`.
+std::map<std::string, std::vector<float>> RandomGradients(const std::vector<ParamSpec>& params, std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  std::map<std::string, std::vector<float>> g;
+  for (const ParamSpec& p : params) {
+    auto& v = g[p.name];
+    v.resize(static_cast<size_t>(p.numel));
+    for (float& x : v) x = normal(rng);
+  }
+  return g;
+}
+
 ShardOptions SgdOptions(int max_staleness) {
   ShardOptions o;
   o.optimizer.set_kind(OptimizerConfig::SGD);
@@ -417,14 +429,8 @@ TEST(ParameterShardTest, LargePushesAppliedBySeveralThreadsEqualOneThread) {
     for (const ParamSlice& sl : a.plan.shards[0]) shard0_bytes += 4 * sl.length;
     ASSERT_GE(shard0_bytes, kParallelApplyBytes);  // the threaded path runs
     std::mt19937 rng(11);
-    std::normal_distribution<float> normal;
     for (int step = 0; step < 3; ++step) {
-      std::map<std::string, std::vector<float>> g;
-      for (const ParamSpec& p : params) {
-        auto& v = g[p.name];
-        v.resize(static_cast<size_t>(p.numel));
-        for (float& x : v) x = normal(rng);
-      }
+      const std::map<std::string, std::vector<float>> g = RandomGradients(params, rng);
       for (int s = 0; s < 2; ++s) {
         PushResult ra, rb;
         ASSERT_TRUE(a.shards[s]->Push(step, a.Grads(s, g), &ra).ok());
@@ -755,13 +761,8 @@ TEST_F(PsServiceTest, InitPushPullMatchTheShardsInProcess) {
     ASSERT_TRUE(twin.shards[s]->Initialize(views, 0).ok());
   }
   std::mt19937 rng(2);
-  std::normal_distribution<float> normal;
   for (int step = 0; step < 3; ++step) {
-    std::map<std::string, std::vector<float>> g;
-    for (const ParamSpec& p : params_) {
-      auto& v = g[p.name];
-      for (int64_t i = 0; i < p.numel; ++i) v.push_back(normal(rng));
-    }
+    const std::map<std::string, std::vector<float>> g = RandomGradients(params_, rng);
     std::vector<PushReply> replies;
     ASSERT_TRUE(client->Push(Const(g), &replies).ok());
     EXPECT_EQ(replies[0].version(), step + 1);
