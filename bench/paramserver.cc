@@ -52,6 +52,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_util.h"
 #include "dtrain/common/logging.h"
 #include "dtrain/paramserver/service.h"
 
@@ -147,18 +148,18 @@ double MemcpyTrafficGbPerS(size_t bytes) {
   return 2.0 * static_cast<double>(bytes) / best / 1e9;
 }
 
-// One row's paired rounds.
+// One row's paired rounds, and their medians (NaN for raw TCP with --no-tcp).
 struct Row {
-  int workers, shards;
+  int workers = 0, shards = 0;
   std::vector<double> ps_mb_s, tcp_mb_s, updates_s, ratio;
+  double ps = 0, tcp = 0, ps_over_tcp = 0, updates = 0;
+  void Summarise() {
+    ps = dtrain::bench::Median(ps_mb_s);
+    updates = dtrain::bench::Median(updates_s);
+    tcp = tcp_mb_s.empty() ? std::nan("") : dtrain::bench::Median(tcp_mb_s);
+    ps_over_tcp = ratio.empty() ? std::nan("") : dtrain::bench::Median(ratio);
+  }
 };
-
-double Median(std::vector<double> v) {
-  if (v.empty()) return std::nan("");
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 std::string Fixed3(double x) {
   char b[32];
@@ -288,7 +289,9 @@ int main(int argc, char** argv) {
       };
       // Paired rounds: the parameter server, then raw TCP, back to back; the
       // row gives the medians (this machine's speed drifts between runs).
-      Row r{workers, shards, {}, {}, {}, {}};
+      Row r;
+      r.workers = workers;
+      r.shards = shards;
       const double tcp_bytes = 2.0 * workers * updates * static_cast<double>(model_bytes);
       for (int round = 0; round < rounds; ++round) {
         int64_t moved = 0;
@@ -302,12 +305,11 @@ int main(int argc, char** argv) {
       }
       clients.clear();
       for (auto& s : servers) s->Shutdown();
-      const double ps = Median(r.ps_mb_s), tcp = no_tcp ? std::nan("") : Median(r.tcp_mb_s);
-      const double ratio = no_tcp ? std::nan("") : Median(r.ratio);
+      r.Summarise();
       std::string each;
       for (double x : r.ratio) each += (each.empty() ? "" : " ") + Fixed3(x);
-      std::printf("%8d %7d %12.0f %12.0f %10.3f %10.2f %14.1f %15.1f   %s\n", r.workers, r.shards, ps, tcp, ratio,
-                  Median(r.updates_s), ps * kPsTrafficPerPayload / 1e3, tcp * kTcpTrafficPerPayload / 1e3,
+      std::printf("%8d %7d %12.0f %12.0f %10.3f %10.2f %14.1f %15.1f   %s\n", r.workers, r.shards, r.ps, r.tcp,
+                  r.ps_over_tcp, r.updates, r.ps * kPsTrafficPerPayload / 1e3, r.tcp * kTcpTrafficPerPayload / 1e3,
                   each.c_str());
       std::fflush(stdout);
       rows.push_back(r);
@@ -329,12 +331,11 @@ int main(int argc, char** argv) {
   j["rounds"] = rounds;
   j["row_figures"] = "medians of the paired rounds; the per-round figures follow";
   for (const Row& r : rows) {
-    const double ps = Median(r.ps_mb_s), tcp = Median(r.tcp_mb_s);
-    j["rows"].push_back({{"workers", r.workers}, {"shards", r.shards}, {"ps_mb_per_s", ps},
-                         {"tcp_mb_per_s", tcp}, {"ps_over_tcp", Median(r.ratio)},
-                         {"updates_per_s", Median(r.updates_s)},
-                         {"ps_memory_traffic_gb_per_s", ps * kPsTrafficPerPayload / 1e3},
-                         {"tcp_memory_traffic_gb_per_s", tcp * kTcpTrafficPerPayload / 1e3},
+    j["rows"].push_back({{"workers", r.workers}, {"shards", r.shards}, {"ps_mb_per_s", r.ps},
+                         {"tcp_mb_per_s", r.tcp}, {"ps_over_tcp", r.ps_over_tcp},
+                         {"updates_per_s", r.updates},
+                         {"ps_memory_traffic_gb_per_s", r.ps * kPsTrafficPerPayload / 1e3},
+                         {"tcp_memory_traffic_gb_per_s", r.tcp * kTcpTrafficPerPayload / 1e3},
                          {"rounds_ps_mb_per_s", r.ps_mb_s}, {"rounds_tcp_mb_per_s", r.tcp_mb_s},
                          {"rounds_ps_over_tcp", r.ratio}});
   }

@@ -28,6 +28,7 @@
 #include <tuple>
 #include <nlohmann/json.hpp>
 
+#include "bench_util.h"
 #include "dtrain/models/registry.h"
 #include "dtrain/worker/collective/mpi_collective.h"
 #include "dtrain/worker/pipeline.h"
@@ -558,11 +559,7 @@ int main(int argc, char** argv) {
       if (stage == 0) (kind == PipelineConfig::GPIPE ? round_gpipe : round_1f1b).push_back(ips / round_ref.back());
     }
   }
-  auto median = [](std::vector<double> v) {
-    if (v.empty()) return 0.0;
-    std::sort(v.begin(), v.end());
-    return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-  };
+  const auto median = dtrain::bench::Median;
   auto medians = [&](const std::vector<std::vector<double>>& v) {
     std::vector<double> out;
     for (const auto& x : v) out.push_back(median(x));

@@ -345,9 +345,8 @@ Status ParameterShard::Push(int64_t base_version, const std::vector<SliceView>& 
   // Threads for this push: consecutive slices, about equal elements each.
   int64_t elements = 0;
   for (const SliceView& g : grads) elements += g.length;
-  const int threads = static_cast<int>(std::min<int64_t>(
-      {options_.apply_threads, static_cast<int64_t>(grads.size()),
-       elements * static_cast<int64_t>(sizeof(float)) >= kParallelApplyBytes ? options_.apply_threads : 1}));
+  const bool large = elements * static_cast<int64_t>(sizeof(float)) >= kParallelApplyBytes;
+  const int threads = large ? static_cast<int>(std::min<size_t>(options_.apply_threads, grads.size())) : 1;
   std::vector<std::thread> helpers;
   size_t next = 0;
   int64_t done = 0;
